@@ -1,0 +1,79 @@
+"""TrainConfig: everything a training run needs, loaded from YAML with `a.b=value` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from clip_model import get_config
+
+
+@dataclass
+class TrainConfig:
+    # Model: a clip_model name plus CLIPConfig overrides (e.g. {vocab_size: 800, image_resolution: 32}).
+    model: str = "tiny-vit"
+    model_overrides: dict = field(default_factory=dict)
+    tokenizer_merges: str | None = None  # OpenAI-layout merges file; None = the bundled CLIP vocabulary
+    grad_checkpointing: bool = False
+
+    # Data: shards written by pipelines/shards.py (a folder, local or s3://).
+    data_uri: str = ""
+    data_format: Literal["webdataset", "parquet"] = "webdataset"
+    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0 = off)
+    prefetch_batches: int = 2
+
+    # Batch and length. The global contrastive batch is batch_size * num_workers; with accum_steps > 1
+    # each worker splits its batch into that many micro-batches (exact gradient cache, see gradcache.py).
+    batch_size: int = 32  # per worker
+    accum_steps: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (else epochs over the data)
+
+    # Optimisation (paper: Adam, decoupled weight decay 0.2, warm-up then cosine).
+    lr: float = 5e-4
+    warmup_steps: int = 2000
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float | None = None  # None: 0.999 for ResNets, 0.98 for ViTs
+    eps: float | None = None  # None: 1e-8 for ResNets, 1e-6 for ViTs
+    precision: Literal["fp32", "fp16", "bf16"] = "fp16"  # fp16 needs a GPU; on CPU it falls back to fp32
+    max_logit_scale: float = 100.0
+
+    # Ray Train.
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # < 1 leaves CPUs for the Ray Data decode tasks on small machines
+    gpus_per_worker: float = 1.0
+    max_failures: int = 0
+    storage_path: str = "/tmp/clip_runs"  # local folder or s3://
+    name: str = "clip"
+    checkpoint_every: int = 0  # steps; 0 = at the end of each epoch only
+    keep_checkpoints: int = 2
+    seed: int = 0
+    log_every: int = 10
+
+    # Failure drill: the last worker kills its own process once, right after this step (0 = never).
+    crash_at_step: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.batch_size < 1 or self.accum_steps < 1 or self.batch_size % self.accum_steps:
+            problems.append(
+                f"batch_size {self.batch_size} must be a positive multiple of accum_steps {self.accum_steps}"
+            )
+        if self.num_workers < 1:
+            problems.append("num_workers must be >= 1")
+        if self.epochs < 1 and self.max_steps < 1:
+            problems.append("set epochs >= 1 or max_steps >= 1")
+        if problems:
+            raise ValueError("Invalid TrainConfig: " + "; ".join(problems))
+
+    def model_config(self):
+        return get_config(self.model, **self.model_overrides)
+
+    def adam_betas_eps(self) -> tuple[tuple[float, float], float]:
+        """β1, β2, ε: the paper's per-architecture defaults unless set explicitly."""
+        resnet = self.model_config().is_resnet
+        beta2 = self.beta2 if self.beta2 is not None else (0.999 if resnet else 0.98)
+        eps = self.eps if self.eps is not None else (1e-8 if resnet else 1e-6)
+        return (self.beta1, beta2), eps
