@@ -34,7 +34,9 @@ _WORDNET_LICENSE = (
 _POS_FILES = {"n": "noun", "v": "verb", "a": "adj", "s": "adj", "r": "adv"}
 
 
-def write_mediawiki_dump(path: str | os.PathLike, pages: Iterable[tuple[str, str] | tuple[str, str, int]]) -> Path:
+def write_mediawiki_dump(
+    path: str | os.PathLike, pages: Iterable[tuple[str, str] | tuple[str, str, int]]
+) -> Path:
     """Write `(title, wikitext[, namespace])` pages as a MediaWiki XML export; `.bz2` in the name compresses it."""
     path = Path(path)
     out = io.StringIO()
@@ -165,7 +167,9 @@ def write_wat(
     path = Path(path)
     with open(path, "wb") as f:
         writer = WARCWriter(f, gzip=True)
-        info = writer.create_warcinfo_record(path.name, {"software": "pipelines.wit.formats", "format": "WAT"})
+        info = writer.create_warcinfo_record(
+            path.name, {"software": "pipelines.wit.formats", "format": "WAT"}
+        )
         writer.write_record(info)
         payloads: list[tuple[str, bytes]] = [
             (p.url, json.dumps(wat_payload(p)).encode("utf-8")) for p in pages

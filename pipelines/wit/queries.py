@@ -105,7 +105,9 @@ def strip_wiki_markup(text: str) -> str:
     text = _remove_nested(_TABLE, text)
     # Links nested in file captions ([[File:x.jpg|a [[cat]] here]]): resolve inner links first.
     for _ in range(3):
-        text = _LINK.sub(lambda m: m.group(1) if ":" not in m.group(0)[:-2].split("|")[0] else m.group(0), text)
+        text = _LINK.sub(
+            lambda m: m.group(1) if ":" not in m.group(0)[:-2].split("|")[0] else m.group(0), text
+        )
         text = _NAMESPACED_LINK.sub(" ", text)
     text = _EXT_LINK.sub(r"\1", text)
     text = _URL.sub(" ", text)
@@ -240,7 +242,9 @@ _NON_ARTICLE = re.compile(
 _DISAMBIGUATION = re.compile(r"\s*\([^()]*\)\s*$")
 
 
-def iter_pageviews(uri: str, projects: Iterable[str], errors: Counter | None = None) -> Iterator[tuple[str, int]]:
+def iter_pageviews(
+    uri: str, projects: Iterable[str], errors: Counter | None = None
+) -> Iterator[tuple[str, int]]:
     """`(title, views)` of article pages of `projects` from an hourly page-view dump (plain or .gz).
 
     Lines are `domain_code page_title count_views total_response_size`; malformed lines and undecodable
@@ -335,7 +339,9 @@ def normalize_query(text: str) -> str:
 
 
 def assemble_queries(
-    candidates: Iterable[pd.DataFrame], max_queries: int, max_query_chars: int = 100,
+    candidates: Iterable[pd.DataFrame],
+    max_queries: int,
+    max_query_chars: int = 100,
     source_priority: Iterable[str] = SOURCES,
 ) -> tuple[pd.DataFrame, Funnel]:
     """Normalise, de-duplicate and cap candidate entries (DataFrames with query, source, score).
@@ -345,7 +351,9 @@ def assemble_queries(
     funnel = Funnel()
     priority = {s: i for i, s in enumerate(source_priority)}
     frames = [c for c in candidates if len(c)]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["query", "source", "score"])
+    df = (
+        pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["query", "source", "score"])
+    )
     n_in = len(df)
     df["query"] = [normalize_query(q) for q in df["query"].astype(str)]
     bad = df["query"].map(lambda q: not q or len(q) > max_query_chars or not any(ch.isalpha() for ch in q))
@@ -384,7 +392,10 @@ def build_query_list(cfg: QueryConfig) -> pd.DataFrame:
             ray.data.from_items([{"path": p} for p in wiki_files], override_num_blocks=len(wiki_files))
             .map_batches(
                 CountWikiFile,
-                fn_constructor_kwargs={"pages_per_batch": cfg.pages_per_batch, "stats_actor": cfg.stats_actor},
+                fn_constructor_kwargs={
+                    "pages_per_batch": cfg.pages_per_batch,
+                    "stats_actor": cfg.stats_actor,
+                },
                 batch_size=1,
                 batch_format="numpy",
                 concurrency=(1, max(1, len(wiki_files))),
@@ -398,17 +409,20 @@ def build_query_list(cfg: QueryConfig) -> pd.DataFrame:
         frequent = counts.filter(lambda r: r["count"] >= keep_min).to_pandas()
         is_bigram = frequent["key"].str.contains(" ", regex=False)
         unigrams = frequent[~is_bigram]
-        total_words = int(
-            counts.filter(lambda r: " " not in r["key"]).sum("count") or 0
-        )
+        total_words = int(counts.filter(lambda r: " " not in r["key"]).sum("count") or 0)
         words = unigrams[unigrams["count"] >= cfg.min_word_count]
         candidates.append(pd.DataFrame({"query": words["key"], "source": "unigram", "score": words["count"]}))
         pmi = bigram_pmi(
-            frequent[is_bigram], dict(zip(unigrams["key"], unigrams["count"])), total_words,
-            cfg.min_bigram_count, cfg.min_bigram_pmi,
+            frequent[is_bigram],
+            dict(zip(unigrams["key"], unigrams["count"])),
+            total_words,
+            cfg.min_bigram_count,
+            cfg.min_bigram_pmi,
         )
         candidates.append(pmi.assign(source="bigram"))
-        funnel.add_counts("wikipedia", {"total_words": total_words, "unique_unigrams_and_bigrams": counts.count()})
+        funnel.add_counts(
+            "wikipedia", {"total_words": total_words, "unique_unigrams_and_bigrams": counts.count()}
+        )
 
     view_files = expand_inputs(cfg.pageviews) if cfg.pageviews else []
     if view_files:
@@ -436,7 +450,9 @@ def build_query_list(cfg: QueryConfig) -> pd.DataFrame:
         funnel.add_counts("wordnet_input_errors", errors)
         candidates.append(pd.DataFrame({"query": lemmas, "source": "wordnet", "score": 0.0}))
 
-    queries, assembled = assemble_queries(candidates, cfg.max_queries, cfg.max_query_chars, cfg.source_priority)
+    queries, assembled = assemble_queries(
+        candidates, cfg.max_queries, cfg.max_query_chars, cfg.source_priority
+    )
     funnel.merge(ray.get(actor.snapshot.remote())).merge(assembled)
     storage.makedirs(cfg.output)
     fs, path = storage.resolve(storage.join(cfg.output, "queries.parquet"))
