@@ -1,0 +1,114 @@
+"""Start and stop a private `ray start --head` cluster on 127.0.0.1 (the demo, the tests).
+
+Every port and the temp dir are chosen fresh, so several clusters can share a machine, and teardown stops
+only this cluster (a bare `ray stop` would stop every cluster on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+# A private cluster on this machine: no token auth, no usage stats, and every Ray process on 127.0.0.1
+# (without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, Ray swaps 127.0.0.1 for the machine's routable address).
+LOOPBACK_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+}
+
+
+@dataclass
+class LocalRayCluster:
+    """A head node in its own process group; `address` for ray.init, `dashboard_url` for job submission."""
+
+    num_cpus: int = 4
+    resources: dict | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    temp_dir: str = ""
+    address: str = ""
+    dashboard_url: str = ""
+
+    def start(self, timeout: float = 90.0) -> LocalRayCluster:
+        import json
+
+        gcs, dash, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr, client = free_ports(9)
+        # Unix socket paths must stay short, so the temp dir lives directly under /tmp.
+        self.temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
+        env = {**os.environ, **LOOPBACK_ENV, **self.env}
+        worker_lo = 10000 + (gcs % 20) * 1000  # below the ephemeral range the other ports come from
+        cmd = [
+            "ray", "start", "--head", "--block",
+            "--node-ip-address=127.0.0.1", f"--port={gcs}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
+            f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+            f"--ray-client-server-port={client}",
+            f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 999}",
+            f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
+            *self.extra_args,
+        ]
+        if self.resources:
+            cmd.append(f"--resources={json.dumps(self.resources)}")
+        self.proc = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self.address = f"127.0.0.1:{gcs}"
+        self.dashboard_url = f"http://127.0.0.1:{dash}"
+        self._wait_for_dashboard(timeout)
+        return self
+
+    def _wait_for_dashboard(self, timeout: float) -> None:
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace")[-3000:]
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}: {err}")
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"Ray dashboard at {self.dashboard_url} not up after {timeout}s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # SIGTERM asks `ray start --block` and the daemons in its group to exit; give them a moment.
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        # Ray workers and daemons leave the head's process group; find them by our private temp dir.
+        subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self.proc = None

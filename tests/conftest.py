@@ -1,0 +1,167 @@
+"""Session-wide real parts, started once: a loopback S3 server, an in-process Ray, a `ray start --head`
+cluster for job submission, and a loopback HTTP server. Everything listens on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines.local_cluster import LOOPBACK_ENV, LocalRayCluster, free_ports
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.update(LOOPBACK_ENV)
+os.environ.setdefault("PYTHONPATH", str(ROOT))
+if str(ROOT) not in os.environ["PYTHONPATH"].split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ["PYTHONPATH"]])
+
+
+# ---------------------------------------------------------------- S3 (moto_server on loopback)
+class S3Server:
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def make_bucket(self, name: str) -> str:
+        """Create bucket `name` (if needed) and return `s3://name`."""
+        client = self.client()
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if name not in existing:
+            client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    (port,) = free_ports(1)
+    moto = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    proc = subprocess.Popen(
+        [moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start") from None
+            time.sleep(0.2)
+    os.environ.update(
+        {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ENDPOINT_URL_S3": endpoint,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
+    yield S3Server(endpoint)
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- Ray
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """In-process Ray shared by the whole session (4 logical CPUs so trainers and data tasks both fit).
+
+    Depends on s3_server so that the S3 endpoint variables are in the environment Ray workers inherit."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server) -> Iterator[LocalRayCluster]:
+    """A `ray start --head` cluster on 127.0.0.1 (auth disabled) for `ray job submit` tests.
+
+    Use `ray_head.dashboard_url` with JobSubmissionClient; do not ray.init() into it from the test process
+    (the process may already hold `ray_local`)."""
+    cluster = LocalRayCluster(num_cpus=4).start()
+    yield cluster
+    cluster.stop()
+
+
+# ---------------------------------------------------------------- HTTP
+Handler = Callable[[http.server.BaseHTTPRequestHandler], None]
+
+
+class LoopbackHTTPServer:
+    """Static files from `root` plus custom routes; counts hits per path (for retry tests)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.routes: dict[str, Handler] = {}
+        self.hits: Counter = Counter()
+        server = self
+
+        class RequestHandler(http.server.SimpleHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(server.root), **kwargs)
+
+            def do_GET(self):  # noqa: N802 (http.server's naming)
+                path = self.path.split("?", 1)[0]
+                server.hits[path] += 1
+                route = server.routes.get(path)
+                if route is not None:
+                    route(self)
+                else:
+                    super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RequestHandler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    def route(self, path: str, handler: Handler) -> str:
+        """Serve `path` with `handler(request)`; returns its URL."""
+        self.routes["/" + path.lstrip("/")] = handler
+        return self.url(path)
+
+    def put_file(self, relpath: str, data: bytes) -> str:
+        target = self.root / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        return self.url(relpath)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def http_server(tmp_path_factory) -> Iterator[LoopbackHTTPServer]:
+    server = LoopbackHTTPServer(tmp_path_factory.mktemp("www"))
+    yield server
+    server.close()
