@@ -1,0 +1,48 @@
+"""EvalConfig: what jobs/eval_clip.py evaluates, from YAML + `--set a.b=value` (pipelines/config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .embed import EmbedOptions
+
+
+@dataclass
+class ZeroShotConfig:
+    data: str = ""  # image folder or shards with a label field; "" = skip zero-shot
+    label_field: str = "label"
+    class_names: str = ""  # .txt / .json file with readable class names; "" = folder / label names
+    templates: str = "default"  # a template set of clip_model.zero_shot.TASK_TEMPLATES or a .txt/.json file
+
+
+@dataclass
+class LinearProbeConfig:
+    train: str = ""  # labelled images for fitting; "" = skip the probe
+    test: str = ""
+    val: str = ""  # "" = split val_fraction off the training set
+    label_field: str = "label"
+    val_fraction: float = 0.2
+    max_iter: int = 1000
+    steps_per_decade: int = 8
+    seed: int = 0
+
+
+@dataclass
+class RetrievalConfig:
+    data: str = ""  # captions .jsonl or shards; "" = skip retrieval
+    captions_field: str = "captions"
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a CLIP checkpoint: zero-shot classification, linear probe, image-text retrieval."""
+
+    checkpoint: str = ""  # trainer checkpoint folder, OpenAI-layout state dict or TorchScript archive
+    tokenizer: str = ""  # BPE merges (.txt.gz); "" = the one in the checkpoint folder, else OpenAI's
+    output_dir: str = "runs/eval"
+    zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    embed: EmbedOptions = field(default_factory=EmbedOptions)
+    ray_address: str = ""  # "" = join a running cluster if there is one, else start a local one

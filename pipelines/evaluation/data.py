@@ -1,0 +1,253 @@
+"""Evaluation inputs: labelled images and caption sets, as a list of small work units plus a function that
+expands one unit into records. The same expansion runs in-process (small sets) or inside a Ray Data
+`flat_map` (large sets), so both paths read exactly the same records.
+
+Inputs:
+- an ImageFolder-style directory: one sub-folder per class, images inside (`root/red_circle/001.jpg`);
+- WebDataset (`.tar`) or Parquet shards in the shard contract (pipelines/shards.py), with the class in a
+  metadata field (`label` by default);
+- caption sets: a JSONL file with `{"image": "relative/or/absolute.jpg", "captions": ["...", "..."]}` per
+  line, or shards whose metadata has a `captions` list (else the sample's `txt` is its one caption).
+
+A record is a dict: `id` (str), `jpg` (image bytes, decoded later), and `label` (int) or `captions`
+(list[str]). Images are not decoded here: embed.py decodes them and counts the unreadable ones.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines import shards, storage
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class EvalDataError(ValueError):
+    """Evaluation input that cannot be used as given (the message says why and where)."""
+
+
+@dataclass
+class EvalSet:
+    """A labelled image set (`class_names` set) or a caption set (`class_names` empty)."""
+
+    kind: str  # "folder" | "shards" | "jsonl"
+    source: str
+    units: list[dict[str, Any]]
+    class_names: list[str] = field(default_factory=list)
+    label_field: str = "label"
+    captions_field: str = "captions"
+    # Drops found while listing (before any image is read), by reason.
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def is_captions(self) -> bool:
+        return not self.class_names
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        for unit in self.units:
+            yield from expand_unit(unit)
+
+
+def detect_format(path: str) -> str:
+    if path.endswith(".jsonl"):
+        return "jsonl"
+    if path.endswith((".tar", ".parquet")):
+        return "shards"
+    if storage.is_s3(path):
+        return "shards"
+    p = Path(path)
+    if not p.exists():
+        raise EvalDataError(f"evaluation data not found: {path}")
+    if p.is_dir() and any(f.suffix in (".tar", ".parquet") for f in p.iterdir() if f.is_file()):
+        return "shards"
+    if p.is_dir():
+        return "folder"
+    raise EvalDataError(f"cannot tell the format of {path}: expected a directory, .tar, .parquet or .jsonl")
+
+
+def _readable(folder_name: str) -> str:
+    return folder_name.replace("_", " ").strip()
+
+
+def _rename(names: list[str], mapping: Sequence[str] | Mapping[str, str] | None, source: str) -> list[str]:
+    """Readable class names: a list in label order, or a mapping from folder/label name to readable name."""
+    if mapping is None:
+        return names
+    if isinstance(mapping, Mapping):
+        return [mapping.get(n, _readable(n)) for n in names]
+    if len(mapping) != len(names):
+        raise EvalDataError(
+            f"{source}: {len(names)} classes but the class-name list has {len(mapping)} entries"
+        )
+    return list(mapping)
+
+
+def image_folder(
+    root: str, class_names: Sequence[str] | Mapping[str, str] | None = None, limit_per_class: int = 0
+) -> EvalSet:
+    """One class per sub-folder, in sorted folder order. An empty class folder is an error that names it."""
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise EvalDataError(f"image folder not found: {root}")
+    folders = sorted(p for p in root_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise EvalDataError(f"{root}: no class sub-folders (expected root/<class>/<image>)")
+    units, empty = [], []
+    for label, folder in enumerate(folders):
+        files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if limit_per_class:
+            files = files[:limit_per_class]
+        if not files:
+            empty.append(folder.name)
+        units.extend(
+            {"kind": "file", "id": str(f.relative_to(root_path)), "path": str(f), "label": label}
+            for f in files
+        )
+    if empty:
+        raise EvalDataError(
+            f"{root}: {len(empty)} class folder(s) hold no images ({', '.join(IMAGE_SUFFIXES)}): {empty[:10]}; "
+            "add images or remove the folder"
+        )
+    names = _rename([_readable(f.name) for f in folders], _mapping_by_folder(class_names, folders), root)
+    return EvalSet("folder", root, units, names)
+
+
+def _mapping_by_folder(class_names, folders):
+    # A mapping may be keyed by the folder name (e.g. a WordNet id); translate to readable-name keys.
+    if isinstance(class_names, Mapping):
+        return {_readable(f.name): class_names.get(f.name, _readable(f.name)) for f in folders}
+    return class_names
+
+
+def _shard_uris(path: str) -> list[str]:
+    if path.endswith((".tar", ".parquet")):
+        return [path]
+    uris = shards.shard_files(path, "webdataset") or shards.shard_files(path, "parquet")
+    if not uris:  # shards written by other tools have no manifests
+        uris = storage.list_files(path, ".tar") or storage.list_files(path, ".parquet")
+    if not uris:
+        raise EvalDataError(f"{path}: no .tar or .parquet shards")
+    return sorted(uris)
+
+
+def _field(sample: Mapping[str, Any], name: str) -> Any:
+    meta = sample.get("json") or {}
+    return meta[name] if name in meta else sample.get(name)
+
+
+def shard_set(
+    path: str,
+    label_field: str = "label",
+    class_names: Sequence[str] | Mapping[str, str] | None = None,
+    captions: bool = False,
+    captions_field: str = "captions",
+) -> EvalSet:
+    """Shards with a label field (classification) or captions (retrieval). Without `class_names` the label
+    values found in the shards, sorted, are the classes (this reads every shard once)."""
+    uris = _shard_uris(path)
+    units = [{"kind": "shard", "uri": u} for u in uris]
+    if captions:
+        return EvalSet("shards", path, units, [], label_field, captions_field)
+    if class_names is None or isinstance(class_names, Mapping):
+        found = sorted(
+            {
+                str(v)
+                for u in uris
+                for s in shards.read_shard_samples(u)
+                if (v := _field(s, label_field)) is not None
+            }
+        )
+        if not found:
+            raise EvalDataError(f"{path}: no sample has the label field {label_field!r}")
+        labels = found
+        names = [class_names.get(v, v) for v in found] if class_names else found
+    else:
+        labels = names = list(class_names)
+    for unit in units:
+        unit.update(label_field=label_field, labels=labels)
+    return EvalSet("shards", path, units, names, label_field, captions_field)
+
+
+def jsonl_captions(path: str) -> EvalSet:
+    """`{"image": path, "captions": [...]}` per line; relative image paths are relative to the file."""
+    base = Path(path).parent
+    units, dropped = [], {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image, captions = row["image"], row["captions"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise EvalDataError(f'{path}:{n}: expected {{"image": ..., "captions": [...]}} ({e})') from e
+        if isinstance(captions, str):
+            captions = [captions]
+        captions = [c for c in captions if isinstance(c, str) and c.strip()]
+        if not captions:
+            dropped["no_caption"] = dropped.get("no_caption", 0) + 1
+            continue
+        image_path = Path(image) if Path(image).is_absolute() else base / image
+        units.append({"kind": "file", "id": str(image), "path": str(image_path), "captions": captions})
+    if not units:
+        raise EvalDataError(f"{path}: no image with captions")
+    return EvalSet("jsonl", path, units, [], dropped=dropped)
+
+
+def open_eval_set(
+    path: str,
+    task: str,
+    label_field: str = "label",
+    class_names: Sequence[str] | Mapping[str, str] | None = None,
+    captions_field: str = "captions",
+    fmt: str = "auto",
+) -> EvalSet:
+    """`task` is "classification" or "retrieval"."""
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if task == "retrieval":
+        if fmt == "jsonl":
+            return jsonl_captions(path)
+        if fmt == "shards":
+            return shard_set(path, captions=True, captions_field=captions_field)
+        raise EvalDataError(f"{path}: retrieval needs a captions .jsonl file or shards, not a {fmt}")
+    if fmt == "folder":
+        return image_folder(path, class_names)
+    if fmt == "shards":
+        return shard_set(path, label_field, class_names)
+    raise EvalDataError(f"{path}: classification needs an image folder or shards, not a {fmt}")
+
+
+def expand_unit(unit: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
+    """Records of one unit. A file that cannot be read gives a record with empty bytes (counted later as
+    unreadable); a shard sample without a known label gives one with label -1 (counted as unlabelled)."""
+    if unit["kind"] == "file":
+        try:
+            data = Path(unit["path"]).read_bytes()
+        except OSError:
+            data = b""
+        record = {"id": unit["id"], "jpg": data}
+        if "captions" in unit:
+            record["captions"] = list(unit["captions"])
+        else:
+            record["label"] = int(unit["label"])
+        yield record
+        return
+    index = {name: i for i, name in enumerate(unit.get("labels", []))}
+    for sample in shards.read_shard_samples(unit["uri"]):
+        record = {"id": sample["key"], "jpg": sample.get("jpg") or b""}
+        if "labels" in unit:
+            value = _field(sample, unit["label_field"])
+            record["label"] = index.get(str(value), -1) if value is not None else -1
+        else:
+            caps = _field(sample, unit.get("captions_field", "captions"))
+            if isinstance(caps, str):  # Parquet keeps nested metadata as JSON text
+                try:
+                    caps = json.loads(caps)
+                except json.JSONDecodeError:
+                    caps = [caps]
+            caps = caps if isinstance(caps, list) and caps else [sample.get("txt", "")]
+            record["captions"] = [c for c in caps if isinstance(c, str) and c.strip()]
+        yield record

@@ -1,0 +1,375 @@
+"""Images and texts -> CLIP features, in-process for small sets or with Ray Data for large ones, cached.
+
+`ImageEmbedder` and `TextEmbedder` are callable classes over a batch (dict of numpy arrays): the in-process
+path calls them directly, the Ray path hands them to `map_batches` as an actor pool (one GPU per actor
+when the cluster has GPUs), so both paths compute the same thing. Results are sorted by record id, so the
+two paths also return the same order. Unreadable images are kept as rows with `ok=False` by the embedder
+and counted as `unreadable_image` drops by `embed_eval_set`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import EvalSet, expand_unit
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+class EvalModelError(ValueError):
+    """A checkpoint or tokenizer that cannot be evaluated (the message says which file and why)."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def find_weights(checkpoint: str) -> str:
+    """The OpenAI-layout weights file of a checkpoint: the path itself, or inside a trainer checkpoint folder
+    the one weights file (preferring names with 'openai' or 'fp16' when there are several)."""
+    path = Path(checkpoint)
+    if path.is_file():
+        return str(path)
+    if not path.is_dir():
+        raise EvalModelError(f"checkpoint not found: {checkpoint}")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    preferred = [p for p in files if "openai" in p.name.lower() or "fp16" in p.name.lower()]
+    candidates = preferred or files
+    if len(candidates) != 1:
+        raise EvalModelError(
+            f"checkpoint folder {checkpoint}: expected one OpenAI-layout weights file "
+            f"({'/'.join(WEIGHT_SUFFIXES)}), found {[str(p.relative_to(path)) for p in candidates]}"
+        )
+    return str(candidates[0])
+
+
+def load_model(checkpoint: str, device: str | torch.device = "cpu"):
+    """A fp32 CLIP in eval mode from a weights file, a TorchScript archive or a trainer checkpoint folder."""
+    import clip_model
+    from clip_model.checkpoint import CheckpointError
+
+    weights = find_weights(checkpoint)
+    try:
+        return clip_model.load(weights, device=device)
+    except (CheckpointError, RuntimeError, ValueError) as e:
+        raise EvalModelError(f"checkpoint {weights} cannot be loaded as a CLIP model: {e}") from e
+
+
+def find_merges(checkpoint: str) -> str | None:
+    """A BPE merges file (.txt.gz) stored beside the weights (the trainer writes its tokenizer there)."""
+    path = Path(checkpoint)
+    folder = path if path.is_dir() else path.parent
+    found = sorted(folder.rglob("*.txt.gz")) if path.is_dir() else sorted(folder.glob("*.txt.gz"))
+    return str(found[0]) if len(found) == 1 else None
+
+
+def load_tokenizer(merges: str | None, model=None):
+    """`clip_model.Tokenizer` from a merges file; its vocabulary must match the model's token embedding."""
+    from clip_model import Tokenizer
+
+    if not merges:
+        raise EvalModelError(
+            "no tokenizer: set tokenizer= to the BPE merges file the model was trained with (.txt.gz, e.g. "
+            "OpenAI's bpe_simple_vocab_16e6.txt.gz); the checkpoint folder holds none"
+        )
+    if not Path(merges).is_file():
+        raise EvalModelError(f"tokenizer merges file not found: {merges}")
+    tok = Tokenizer(merges)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and tok.vocab_size != vocab:
+        raise EvalModelError(
+            f"tokenizer ({merges}) has {tok.vocab_size} tokens but the model's token "
+            f"embedding has {vocab}: give the merges file the model was trained with (tokenizer=...)"
+        )
+    return tok
+
+
+def _as_model(model_source, device: torch.device):
+    return load_model(model_source, device) if isinstance(model_source, str | os.PathLike) else model_source
+
+
+def decode_image(data: bytes) -> Image.Image | None:
+    """RGB image, or None when the bytes are not a readable image."""
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+class ImageEmbedder:
+    """Batch {"id", "jpg", ...} -> {"id", ..., "features" [n, D] float32, "ok" bool}. Other columns pass through."""
+
+    def __init__(self, model_source, image_size: int | None = None, device: str = "auto", transform=None):
+        self.device = resolve_device(device)
+        self.model = _as_model(model_source, self.device)
+        if transform is None:
+            from clip_model import image_transform
+
+            size = image_size or self.model.config.image_resolution
+            transform = image_transform(size)
+        self.transform = transform
+
+    @torch.no_grad()
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = [decode_image(bytes(b)) for b in batch["jpg"]]
+        ok = np.array([im is not None for im in images], dtype=bool)
+        features = None
+        if ok.any():
+            pixels = torch.stack([self.transform(im) for im in images if im is not None]).to(self.device)
+            with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+                feats = self.model.encode_image(pixels).float().cpu().numpy()
+            features = np.zeros((len(images), feats.shape[1]), dtype=np.float32)
+            features[ok] = feats
+        else:
+            dim = _embed_dim(self.model)
+            features = np.zeros((len(images), dim), dtype=np.float32)
+        out = {k: np.asarray(v) for k, v in batch.items() if k != "jpg"}
+        out.update(features=features, ok=ok)
+        return out
+
+
+def _embed_dim(model) -> int:
+    config = getattr(model, "config", None)
+    if config is not None:
+        return int(config.embed_dim)
+    return int(model.encode_text(torch.zeros(1, 77, dtype=torch.long)).shape[1])
+
+
+class TextEmbedder:
+    """Batch {"text", ...} -> {..., "features" [n, D] float32}."""
+
+    def __init__(self, model_source, tokenizer, device: str = "auto"):
+        self.device = resolve_device(device)
+        self.model = _as_model(model_source, self.device)
+        self.tokenizer = load_tokenizer(tokenizer, self.model) if isinstance(tokenizer, str) else tokenizer
+
+    @torch.no_grad()
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tokens = self.tokenizer([str(t) for t in batch["text"]]).to(self.device)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            feats = self.model.encode_text(tokens).float().cpu().numpy()
+        out = {k: np.asarray(v) for k, v in batch.items()}
+        out["features"] = feats
+        return out
+
+
+@dataclass
+class EmbedOptions:
+    batch_size: int = 64
+    device: str = "auto"
+    use_ray: str = "auto"  # "auto" | "always" | "never"
+    ray_min_records: int = 2000  # auto: folders / JSONL with at least this many images go through Ray
+    ray_min_shards: int = 4  # auto: shard sets with at least this many shards go through Ray
+    num_actors: int = 2
+    cpus_per_actor: float = 1.0
+    cache_dir: str = ""  # "" = no cache
+
+
+@dataclass
+class EmbeddedSet:
+    """Features of an EvalSet, rows sorted by id. Labelled sets have `labels`; caption sets have
+    `text_features` with `text_image_index[t]` = row of the image caption t belongs to."""
+
+    ids: list[str]
+    image_features: torch.Tensor
+    labels: torch.Tensor | None = None
+    captions: list[str] = field(default_factory=list)
+    text_features: torch.Tensor | None = None
+    text_image_index: torch.Tensor | None = None
+    n_in: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    used_ray: bool = False
+    from_cache: bool = False
+
+
+def _use_ray(eval_set: EvalSet, opts: EmbedOptions) -> bool:
+    if opts.use_ray == "always":
+        return True
+    if opts.use_ray == "never":
+        return False
+    if eval_set.kind == "shards":
+        return len(eval_set.units) >= opts.ray_min_shards
+    return len(eval_set.units) >= opts.ray_min_records
+
+
+def _record_rows(eval_set: EvalSet) -> Callable[[dict], list[dict]]:
+    def rows(unit: dict) -> list[dict]:
+        out = []
+        for r in expand_unit(unit):
+            row = {"id": r["id"], "jpg": r["jpg"]}
+            if "label" in r:
+                row["label"] = r["label"]
+            else:
+                row["captions_json"] = json.dumps(r["captions"])
+            out.append(row)
+        return out
+
+    return rows
+
+
+def _batches(rows: list[dict], size: int):
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
+        yield {k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]}
+
+
+def _run_images(eval_set: EvalSet, model_source, opts: EmbedOptions, image_size, use_ray: bool) -> list[dict]:
+    to_rows = _record_rows(eval_set)
+    if not use_ray:
+        embedder = ImageEmbedder(model_source, image_size, opts.device)
+        rows = [r for unit in eval_set.units for r in to_rows(unit)]
+        out = []
+        for batch in _batches(rows, opts.batch_size):
+            result = embedder(batch)
+            out.extend({k: result[k][i] for k in result} for i in range(len(result["id"])))
+        return out
+    import ray
+
+    gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    ds = ray.data.from_items(eval_set.units).flat_map(to_rows)
+    ds = ds.map_batches(
+        ImageEmbedder,
+        fn_constructor_kwargs={"model_source": model_source, "image_size": image_size, "device": opts.device},
+        batch_size=opts.batch_size,
+        batch_format="numpy",
+        concurrency=opts.num_actors,
+        num_gpus=gpus,
+        num_cpus=opts.cpus_per_actor,
+    )
+    return list(ds.iter_rows())
+
+
+def _run_texts(texts: list[str], model_source, tokenizer, opts: EmbedOptions, use_ray: bool) -> np.ndarray:
+    if not texts:
+        return np.zeros((0, 0), dtype=np.float32)
+    if not use_ray:
+        embedder = TextEmbedder(model_source, tokenizer, opts.device)
+        parts = [
+            embedder({"text": np.array(texts[s : s + opts.batch_size], dtype=object)})["features"]
+            for s in range(0, len(texts), opts.batch_size)
+        ]
+        return np.concatenate(parts)
+    import ray
+
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)]).map_batches(
+        TextEmbedder,
+        fn_constructor_kwargs={"model_source": model_source, "tokenizer": tokenizer, "device": opts.device},
+        batch_size=opts.batch_size,
+        batch_format="numpy",
+        concurrency=opts.num_actors,
+        num_gpus=gpus,
+        num_cpus=opts.cpus_per_actor,
+    )
+    rows = sorted(ds.iter_rows(), key=lambda r: int(r["i"]))
+    return np.stack([np.asarray(r["features"], dtype=np.float32) for r in rows])
+
+
+def model_fingerprint(model_source) -> str:
+    if isinstance(model_source, str | os.PathLike):
+        weights = Path(find_weights(str(model_source))).resolve()
+        st = weights.stat()
+        return f"{weights}:{st.st_size}:{st.st_mtime_ns}"
+    h = hashlib.sha256()
+    for name, t in sorted(model_source.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def set_fingerprint(eval_set: EvalSet) -> str:
+    h = hashlib.sha256(
+        json.dumps([eval_set.kind, eval_set.source, eval_set.class_names], sort_keys=True).encode()
+    )
+    for unit in eval_set.units:
+        h.update(json.dumps(unit, sort_keys=True, default=str).encode())
+        local = unit.get("path") or unit.get("uri")
+        if local and Path(local).exists():
+            st = Path(local).stat()
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def embed_eval_set(
+    eval_set: EvalSet,
+    model_source,
+    tokenizer=None,
+    opts: EmbedOptions | None = None,
+    image_size: int | None = None,
+    cache_name: str = "features",
+) -> EmbeddedSet:
+    """Embed every image of the set (and, for caption sets, every caption of the readable images).
+
+    `model_source` is a model object (in-process, or pickled to the Ray actors) or a checkpoint path that
+    each actor loads itself; `tokenizer` is a Tokenizer or a merges path (caption sets only)."""
+    opts = opts or EmbedOptions()
+    cache_path = None
+    if opts.cache_dir:
+        tok_id = getattr(
+            tokenizer, "merges_path", tokenizer if isinstance(tokenizer, str) else type(tokenizer).__name__
+        )
+        key = hashlib.sha256(
+            f"{model_fingerprint(model_source)}|{set_fingerprint(eval_set)}|{image_size}|{tok_id}".encode()
+        ).hexdigest()[:20]
+        cache_path = Path(opts.cache_dir) / f"{cache_name}-{key}.pt"
+        if cache_path.exists():
+            cached = torch.load(cache_path, weights_only=False)
+            cached.from_cache = True
+            return cached
+
+    use_ray = _use_ray(eval_set, opts)
+    rows = sorted(_run_images(eval_set, model_source, opts, image_size, use_ray), key=lambda r: str(r["id"]))
+    dropped = dict(eval_set.dropped)
+    n_in = len(rows) + sum(eval_set.dropped.values())
+    bad = [r for r in rows if not bool(r["ok"])]
+    if bad:
+        dropped["unreadable_image"] = len(bad)
+    unlabelled = [r for r in rows if bool(r["ok"]) and "label" in r and int(r["label"]) < 0]
+    if unlabelled:
+        dropped["unknown_label"] = len(unlabelled)
+    rows = [r for r in rows if bool(r["ok"]) and not ("label" in r and int(r["label"]) < 0)]
+    if not rows:
+        raise ValueError(f"{eval_set.source}: no readable image (dropped: {dropped})")
+    result = EmbeddedSet(
+        ids=[str(r["id"]) for r in rows],
+        image_features=torch.from_numpy(
+            np.stack([np.asarray(r["features"], dtype=np.float32) for r in rows])
+        ),
+        n_in=n_in,
+        dropped=dropped,
+        used_ray=use_ray,
+    )
+    if eval_set.is_captions:
+        captions, index = [], []
+        for i, r in enumerate(rows):
+            for c in json.loads(str(r["captions_json"])):
+                captions.append(c)
+                index.append(i)
+        result.captions = captions
+        result.text_image_index = torch.tensor(index, dtype=torch.long)
+        result.text_features = torch.from_numpy(_run_texts(captions, model_source, tokenizer, opts, use_ray))
+    else:
+        result.labels = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
+
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(".tmp")
+        torch.save(result, tmp)
+        os.replace(tmp, cache_path)
+    return result
