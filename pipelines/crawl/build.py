@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,7 +63,6 @@ class CrawlConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
     img2dataset: Img2DatasetConfig = field(default_factory=Img2DatasetConfig)
     samples_per_shard: int = 1000  # input rows per shard; a shard holds those that survive
-    formats: list[str] = field(default_factory=lambda: ["webdataset", "parquet"])
     dedupe: bool = True  # drop exact duplicates (sha256 of the downloaded bytes) across the dataset
     batch_size: int = 256  # URLs per crawl batch
     num_workers: int = 2  # crawl actors
@@ -211,8 +210,16 @@ def to_sample(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
 class ShardAssembler:
     """Consumes crawled rows in input order, decides dedupe shard by shard, writes shards."""
 
-    def __init__(self, cfg: CrawlConfig, out_uri: str, layout: Layout, committed: dict[str, dict]):
+    def __init__(
+        self,
+        cfg: CrawlConfig,
+        out_uri: str,
+        layout: Layout,
+        committed: dict[str, dict],
+        formats: Sequence[str],
+    ):
         self.cfg = cfg
+        self.formats = list(formats)
         self.out_uri = out_uri
         self.layout = layout
         self.committed = committed
@@ -278,7 +285,7 @@ class ShardAssembler:
                 samples,
                 self.out_uri,
                 self.layout.shard_name(group),
-                self.cfg.formats,
+                self.formats,
                 stats,
             )
         )
@@ -318,7 +325,12 @@ def crawl_stage_dataset(ds: ray.data.Dataset, cfg: CrawlConfig) -> ray.data.Data
     )
 
 
-def build_crawl(source: str | ray.data.Dataset, cfg: CrawlConfig, out_uri: str) -> dict[str, Any]:
+def build_crawl(
+    source: str | ray.data.Dataset,
+    cfg: CrawlConfig,
+    out_uri: str,
+    formats: Sequence[str] = ("webdataset", "parquet"),
+) -> dict[str, Any]:
     """Crawls `source` (a url+caption table path, or a Dataset) into shards under `out_uri`.
 
     Returns the stats written to `{out_uri}/_stats.json`. Rerunning resumes: committed shards are kept.
@@ -342,7 +354,7 @@ def build_crawl(source: str | ray.data.Dataset, cfg: CrawlConfig, out_uri: str) 
         layout.num_shards,
         len(done_groups),
     )
-    assembler = ShardAssembler(cfg, out_uri, layout, committed)
+    assembler = ShardAssembler(cfg, out_uri, layout, committed, formats)
     if todo_groups > 0:
         if done_groups:
             skip = pa.array(done_groups, pa.int64())

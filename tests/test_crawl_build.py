@@ -1,0 +1,116 @@
+"""The crawl graph on Ray Data: every input record accounted for, shards in the contract's layout."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import shards
+from pipelines.build_wit import BuildWITConfig
+from pipelines.config import load_config
+from pipelines.crawl.build import CrawlConfig, Layout, build_crawl
+from pipelines.crawl.fetch import FetchConfig
+from pipelines.crawl.images import ImageConfig
+from pipelines.crawl.testsite import build_site
+
+SAMPLES_PER_SHARD = 8
+
+
+def crawl_config(**overrides) -> CrawlConfig:
+    fetch = FetchConfig(
+        allowed_networks=["127.0.0.0/8"], read_timeout_s=0.5, total_timeout_s=5, max_retries=1,
+        backoff_base_s=0.05, max_body_bytes=200_000, per_host_rate=1000, per_host_concurrency=16,
+    )  # fmt: skip
+    image = ImageConfig(image_size=64, min_size=32, max_aspect_ratio=4)
+    return CrawlConfig(
+        fetch=fetch, image=image, samples_per_shard=SAMPLES_PER_SHARD, batch_size=8, num_workers=1,
+        num_cpus_per_worker=0.5, **overrides,
+    )  # fmt: skip
+
+
+def write_url_table(site, path) -> str:
+    pq.write_table(
+        pa.Table.from_pylist([{k: r[k] for k in ("url", "caption", "query")} for r in site.rows]), path
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def built(ray_local, http_server, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("crawl_build")
+    site = build_site(http_server, "buildsite", slow_s=2.0)
+    urls = write_url_table(site, tmp / "urls.parquet")
+    stats = build_crawl(urls, crawl_config(), str(tmp / "out"))
+    return site, stats, str(tmp / "out")
+
+
+def test_every_record_is_accounted_for(built):
+    site, stats, out = built
+    totals = stats["totals"]
+    assert totals["input"] == len(site.rows)
+    assert totals["kept"] + sum(totals["dropped"].values()) == totals["input"]
+    want: dict[str, int] = {}
+    for reason in site.expected.values():
+        if reason:
+            want[reason] = want.get(reason, 0) + 1
+    assert totals["dropped"] == want
+    assert totals["kept"] == sum(1 for r in site.expected.values() if r is None)
+    on_disk = json.loads(Path(f"{out}/_stats.json").read_text())
+    assert on_disk["totals"] == totals
+    stages = on_disk["stages"]
+    assert stages["fetch"]["in"] == len(site.rows) and stages["dedupe"]["out"] == totals["kept"]
+    assert stages["dedupe"]["dropped"] == {"duplicate": 1}
+    assert on_disk["counters"]["per_domain_attempts"]["127.0.0.1"] == len(site.rows) - 3
+    assert on_disk["counters"]["per_query_kept"]["png"] == 2
+    assert on_disk["counters"]["bytes"]["downloaded"] > 0 and on_disk["run"]["samples_per_s"] > 0
+
+
+def test_shards_follow_the_contract(built):
+    site, stats, out = built
+    layout = Layout(len(site.rows), SAMPLES_PER_SHARD)
+    manifests = shards.committed_shards(out)
+    assert sorted(manifests) == [layout.shard_name(g) for g in range(layout.num_shards)]
+    kept_urls = {u for u, r in site.expected.items() if r is None}
+    seen_urls = set()
+    for name in sorted(manifests):
+        tar = list(shards.read_shard_samples(f"{out}/{name}.tar"))
+        par = list(shards.read_shard_samples(f"{out}/{name}.parquet"))
+        assert [s["key"] for s in tar] == [s["key"] for s in par] and len(tar) == manifests[name]["count"]
+        for s in tar:
+            meta = s["json"]
+            assert s["key"] == layout.key(meta["ordinal"]) and s["key"].startswith(name)
+            assert s["txt"] == meta["caption"] and meta["url"] in kept_urls
+            for k in (
+                "url",
+                "caption",
+                "query",
+                "width",
+                "height",
+                "original_width",
+                "original_height",
+                "sha256",
+            ):
+                assert k in meta
+            assert Image.open(io.BytesIO(s["jpg"])).size == (meta["width"], meta["height"])
+            seen_urls.add(meta["url"])
+        columns = pq.read_table(f"{out}/{name}.parquet").column_names
+        assert {"key", "jpg", "txt", "url", "sha256"} <= set(columns)
+    assert seen_urls == kept_urls
+
+
+def test_wit_config_and_custom_resources_are_declared(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("output: s3://bucket/wit\nurls: x.parquet\ncrawl:\n  worker_resources: {crawl: 1}\n")
+    cfg = load_config(BuildWITConfig, str(path), ["crawl.fetch.per_host_rate=2", "formats=[parquet]"])
+    assert cfg.crawl.worker_resources == {"crawl": 1} and cfg.crawl.fetch.per_host_rate == 2.0
+    assert cfg.formats == ["parquet"]
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match="per_host_rat"):
+        load_config(BuildWITConfig, None, ["crawl.fetch.per_host_rat=2"])
