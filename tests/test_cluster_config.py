@@ -97,7 +97,7 @@ def test_nodes_install_the_projects_pinned_versions():
     cfg, pins = aws_config(), pyproject_pins()
     assert {"torch", "ray"} <= set(pins)
     setup = " ".join(cfg["setup_commands"])
-    assert f'torch=={pins["torch"]}' in setup and f'ray[default,data,train]=={pins["ray"]}' in setup
+    assert f"torch=={pins['torch']}" in setup and f"ray[default,data,train]=={pins['ray']}" in setup
     assert "-e ~/clip-wit-ray" in setup and cfg["file_mounts"]["~/clip-wit-ray"] == "."
     images = [cfg["docker"]["image"], cfg["available_node_types"]["gpu_train"]["docker"]["worker_image"]]
     images += re.findall(r"^FROM (\S+)", DOCKERFILE.read_text(), re.MULTILINE)
