@@ -38,6 +38,7 @@ from urllib.parse import unquote
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
@@ -64,6 +65,7 @@ class QueryConfig:
     max_query_chars: int = 100
     source_priority: list[str] = field(default_factory=lambda: list(SOURCES))
     pages_per_batch: int = 2000
+    num_partitions: int = 64  # hash partitions of the count aggregation (Ray's default is 200)
     stats_actor: str = "wit_queries_stats"
 
 
@@ -179,7 +181,7 @@ class CountWikiFile:
         dropped: Counter = Counter()
         counts: Counter = Counter()
         n_pages = n_kept = pending = 0
-        for title, ns, text in iter_wiki_pages(uri, errors):
+        for _title, ns, text in iter_wiki_pages(uri, errors):
             n_pages += 1
             if ns != 0:
                 dropped["not_article"] += 1
@@ -205,6 +207,11 @@ class CountWikiFile:
 
 def _counts_table(counts: Counter) -> pa.Table:
     return pa.table({"key": list(counts.keys()), "count": pa.array(list(counts.values()), pa.int64())})
+
+
+def _unigram_total(batch: pa.Table) -> pa.Table:
+    is_word = pc.invert(pc.match_substring(batch.column("key"), " "))
+    return pa.table({"total": [pc.sum(pc.filter(batch.column("count"), is_word)).as_py() or 0]})
 
 
 def _report(stats_actor: str | None, funnel: Funnel) -> None:
@@ -400,13 +407,13 @@ def build_query_list(cfg: QueryConfig) -> pd.DataFrame:
                 batch_format="numpy",
                 concurrency=(1, max(1, len(wiki_files))),
             )
-            .groupby("key")
+            .groupby("key", num_partitions=cfg.num_partitions)
             .sum("count")
             .rename_columns({"sum(count)": "count"})
             .materialize()
         )
         keep_min = min(cfg.min_word_count, cfg.min_bigram_count)
-        frequent = counts.filter(lambda r: r["count"] >= keep_min).to_pandas()
+        frequent = counts.filter(expr=f"count >= {int(keep_min)}").to_pandas()
         is_bigram = frequent["key"].str.contains(" ", regex=False)
         unigrams = frequent[~is_bigram]
         total_words = int(counts.filter(lambda r: " " not in r["key"]).sum("count") or 0)
@@ -435,10 +442,10 @@ def build_query_list(cfg: QueryConfig) -> pd.DataFrame:
                 batch_format="numpy",
                 concurrency=(1, max(1, len(view_files))),
             )
-            .groupby("title")
+            .groupby("title", num_partitions=cfg.num_partitions)
             .sum("views")
             .rename_columns({"sum(views)": "views"})
-            .filter(lambda r: r["views"] >= cfg.min_page_views)
+            .filter(expr=f"views >= {int(cfg.min_page_views)}")
             .to_pandas()
         )
         titles = [_DISAMBIGUATION.sub("", t) for t in views["title"]]
