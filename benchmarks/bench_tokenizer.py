@@ -1,0 +1,166 @@
+"""Tokenizer throughput: the pure-Python reference (OpenAI's simple_tokenizer algorithm) vs the fast
+batched ``clip_model.Tokenizer``, on the same captions, checking that the ids are identical.
+
+    python benchmarks/bench_tokenizer.py                       # 20k generated captions, trained ~8k vocab
+    python benchmarks/bench_tokenizer.py --merges bpe_simple_vocab_16e6.txt.gz   # also OpenAI's vocab
+
+Both tokenizers start with empty word caches (cold); "warm" repeats the fast batch call on a warm cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+import tracemalloc
+
+from clip_model._bpe_reference import ReferenceTokenizer
+from clip_model.tokenizer import Tokenizer
+
+_SYLLABLES = [
+    "ka",
+    "ri",
+    "to",
+    "mo",
+    "na",
+    "el",
+    "an",
+    "ber",
+    "sto",
+    "lin",
+    "gra",
+    "vel",
+    "qu",
+    "ish",
+    "ment",
+    "ing",
+    "ed",
+    "un",
+    "re",
+    "pho",
+    "to",
+    "sun",
+    "dog",
+    "cat",
+]
+_COMMON = [
+    "a",
+    "the",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "at",
+    "by",
+    "for",
+    "photo",
+    "picture",
+    "image",
+    "view",
+    "close",
+    "up",
+]
+_EXTRA = ["café", "naïve", "straße", "東京", "夜景", "مرحبا", "😀", "🐶", "&amp;", "d'été", "it's", "we're"]
+
+
+def generate_captions(n: int, seed: int = 0) -> list[str]:
+    """Caption-like text over a Zipf-distributed pseudo-word vocabulary (~20k words), with numbers,
+    punctuation, some capitals and a few non-ASCII words and HTML entities."""
+    rng = random.Random(seed)
+    words = sorted({"".join(rng.choices(_SYLLABLES, k=rng.randint(1, 4))) for _ in range(30000)})
+    rng.shuffle(words)
+    weights = [1.0 / (rank + 1) for rank in range(len(words))]
+    captions = []
+    for _ in range(n):
+        k = rng.randint(3, 18)
+        toks = rng.choices(words, weights=weights, k=k)
+        toks[rng.randrange(k)] = rng.choice(_COMMON)
+        if rng.random() < 0.3:
+            toks.append(str(rng.randint(0, 3000)))
+        if rng.random() < 0.1:
+            toks.insert(rng.randrange(len(toks)), rng.choice(_EXTRA))
+        text = " ".join(toks)
+        if rng.random() < 0.3:
+            text = text.capitalize()
+        captions.append(text + rng.choice(["", ".", "!", " ...", " (2019)", ", 4k"]))
+    return captions
+
+
+def _timed(fn) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t0
+
+
+def _peak_bytes(fn) -> int:
+    """Peak Python heap while fn runs (a separate run: tracemalloc slows allocation-heavy code)."""
+    tracemalloc.start()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+def bench(name: str, merges_path: str, captions: list[str], batch_size: int) -> list[tuple]:
+    batches = [captions[i : i + batch_size] for i in range(0, len(captions), batch_size)]
+    reference = ReferenceTokenizer(merges_path)
+    fast = Tokenizer(merges_path)
+    ref_rows, ref_s = _timed(lambda: reference.tokenize(captions))
+    fast_rows, fast_s = _timed(lambda: [fast(b) for b in batches])
+    _, warm_s = _timed(lambda: [fast(b) for b in batches])
+    fast_list = [row for t in fast_rows for row in t.tolist()]
+    if fast_list != ref_rows:
+        bad = next(i for i, (a, b) in enumerate(zip(fast_list, ref_rows)) if a != b)
+        raise SystemExit(f"ids differ from the reference on caption {bad}: {captions[bad]!r}")
+    ref_peak = _peak_bytes(lambda: ReferenceTokenizer(merges_path).tokenize(captions))
+    fresh = Tokenizer(merges_path)
+    fast_peak = _peak_bytes(lambda: [fresh(b) for b in batches])
+    warm_peak = _peak_bytes(lambda: [fresh(b) for b in batches])
+    n = len(captions)
+    return [
+        (name, "reference (per text)", n / ref_s, 1.0, ref_peak),
+        (name, f"fast (batch {batch_size}, cold cache)", n / fast_s, ref_s / fast_s, fast_peak),
+        (name, f"fast (batch {batch_size}, warm cache)", n / warm_s, ref_s / warm_s, warm_peak),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--captions", type=int, default=20000)
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--merges", help="OpenAI-layout merges file, e.g. bpe_simple_vocab_16e6.txt.gz")
+    args = parser.parse_args()
+
+    captions = generate_captions(args.captions, seed=0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        trained = Tokenizer.train(
+            generate_captions(20000, seed=1), args.vocab_size, os.path.join(tmp, "bpe.txt.gz")
+        )
+        train_s = time.perf_counter() - t0
+        rows += bench(f"trained {trained.vocab_size}", trained.merges_path, captions, args.batch_size)
+    if args.merges:
+        rows += bench(f"file {Tokenizer(args.merges).vocab_size}", args.merges, captions, args.batch_size)
+
+    print(
+        f"{len(captions)} captions; training the {trained.vocab_size}-id vocab on 20k captions took {train_s:.1f} s"
+    )
+    print("ids identical to the reference: yes")
+    header = (
+        f"| {'vocab':<14} | {'tokenizer':<30} | {'captions/s':>11} | {'vs reference':>12} | {'peak MiB':>8} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for vocab, impl, rate, ratio, peak in rows:
+        print(f"| {vocab:<14} | {impl:<30} | {rate:>11,.0f} | {ratio:>11.1f}x | {peak / 2**20:>8.1f} |")
+
+
+if __name__ == "__main__":
+    main()

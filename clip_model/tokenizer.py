@@ -1,0 +1,392 @@
+"""CLIP's byte-level BPE tokenizer: OpenAI's algorithm, with fast batched encoding and a trainer.
+
+Encoding is exactly OpenAI's ``simple_tokenizer`` (ftfy + HTML unescaping, whitespace collapse,
+lowercasing, CLIP's pre-tokenisation regex, byte-to-unicode mapping, ``</w>`` end-of-word marker).
+``clip_model/_bpe_reference.py`` is a plain transcription of that code; tests check id equality.
+
+Why this one is fast (same ids, see ``benchmarks/bench_tokenizer.py``):
+- captions that are printable ASCII without ``&`` skip ftfy/HTML unescaping/whitespace collapse, which
+  provably leave such text's tokens unchanged (only the lowercasing matters);
+- no pre-tokeniser match contains a space, so a text's ids are the ids of its space-delimited chunks:
+  a batch is joined into one string, split on spaces, and each distinct chunk is pre-tokenised and
+  BPE-encoded once (chunk -> ids and word -> ids caches);
+- the ids are flattened in C (``itertools.chain`` + ``numpy.fromiter``) and rows are padded and
+  truncated with vectorised numpy.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from itertools import chain
+
+import ftfy
+import numpy as np
+import regex
+import torch
+
+SOT = "<|startoftext|>"
+EOT = "<|endoftext|>"
+EOW = "</w>"
+# OpenAI uses lines 1 .. 49152-256-2 of bpe_simple_vocab_16e6.txt.gz (after the header line).
+OPENAI_NUM_MERGES = 49152 - 256 - 2
+_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_SEP = "\x00"  # separates texts in a batch; texts whose cleaned form holds it take the per-text path
+_SEP_ID = -1
+_NO_MERGES_HELP = (
+    "Tokenizer needs a merges file: pass merges_path= the OpenAI file bpe_simple_vocab_16e6.txt.gz "
+    "(from the openai/CLIP repository; this package does not bundle or download it) or a file "
+    "written by Tokenizer.train(texts, vocab_size, out_path)."
+)
+
+
+@lru_cache
+def bytes_to_unicode() -> dict[int, str]:
+    """OpenAI's reversible map from bytes to printable unicode characters (no whitespace/controls)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clean_text(text: str) -> str:
+    """OpenAI's normalisation: ftfy, HTML unescaping twice, whitespace collapse, lowercasing."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def _fast_clean(text: str) -> str:
+    # For printable ASCII without '&', ftfy and html.unescape are the identity and the only whitespace
+    # is ' ', which the pre-tokeniser skips anyway: lowercasing is all that changes the tokens.
+    if text.isascii() and text.isprintable() and "&" not in text:
+        return text.lower()
+    return clean_text(text)
+
+
+def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """Read an OpenAI-layout merges file (.txt or .txt.gz): a header line, then one 'a b' merge per line.
+
+    OpenAI's file holds more merges than CLIP uses, so at most 48,894 are taken unless the header
+    declares ``num_merges=N`` (files written by ``Tokenizer.train``).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"merges file not found: {path!r}. {_NO_MERGES_HELP}")
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read merges file {path!r} as UTF-8 text ({e})") from e
+    header = re.search(r"num_merges=(\d+)", lines[0])
+    limit = int(header.group(1)) if header else OPENAI_NUM_MERGES
+    merges = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{lineno}: expected a merge 'a b', got {line[:80]!r}")
+        merges.append((parts[0], parts[1]))
+        if len(merges) == limit:
+            break
+    if header and len(merges) < limit:
+        raise ValueError(f"{path}: header declares {limit} merges but the file has {len(merges)}")
+    return merges
+
+
+def write_merges(merges: Sequence[tuple[str, str]], path: str | os.PathLike) -> None:
+    """Write merges in OpenAI's layout; gzip when the name ends in .gz.
+
+    No trailing newline, so OpenAI's own loader (which slices lines 1..48,894) reads exactly these
+    merges when there are at most that many.
+    """
+    path = os.fspath(path)
+    text = "\n".join([f"#version: 0.2 num_merges={len(merges)}"] + [f"{a} {b}" for a, b in merges])
+    data = text.encode("utf-8")
+    if path.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".tmp") as f:
+        f.write(data)
+    os.replace(f.name, path)
+
+
+class _Cache(dict):
+    """key -> tuple of ids, computed by ``compute`` on a miss; cleared (back to ``fixed``) past max_size."""
+
+    def __init__(self, compute, fixed: dict[str, tuple[int, ...]], max_size: int):
+        super().__init__(fixed)
+        self._compute = compute
+        self._fixed = fixed
+        self._max_size = max_size
+
+    def __missing__(self, key: str) -> tuple[int, ...]:
+        ids = self._compute(key)
+        self.add({key: ids})
+        return ids
+
+    def add(self, items: dict[str, tuple[int, ...]]) -> None:
+        if len(self) + len(items) > self._max_size:
+            self.clear()
+            self.update(self._fixed)
+        self.update(items)
+
+
+class Tokenizer:
+    """CLIP BPE tokenizer. ``tok(texts)`` -> LongTensor [n, context_length]: sot, ids, eot, zero padding."""
+
+    def __init__(
+        self,
+        merges_path: str | os.PathLike | None = None,
+        context_length: int = 77,
+        truncate: bool = True,
+        cache_size: int = 1_000_000,
+    ):
+        if merges_path is None:
+            raise ValueError(_NO_MERGES_HELP)
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2 (start and end tokens), got {context_length}")
+        self.merges_path = os.fspath(merges_path)
+        self.context_length = context_length
+        self.truncate = truncate
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
+        merges = read_merges(merges_path)
+        symbols = list(self.byte_encoder.values())
+        vocab = symbols + [s + EOW for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
+        # Built exactly like OpenAI's: if two merges give the same string, the later id wins.
+        self.encoder = dict(zip(vocab, range(len(vocab))))
+        self.decoder = dict(enumerate(vocab))
+        self.bpe_ranks = {m: i for i, m in enumerate(merges)}
+        self.vocab_size = len(vocab)
+        self.sot_token = self.encoder[SOT]
+        self.eot_token = self.encoder[EOT]
+        self._pattern = regex.compile(_PATTERN, regex.IGNORECASE)
+        # Two caches: pre-tokenised word -> ids (BPE), and space-delimited chunk -> ids (regex + words).
+        self._words = _Cache(
+            lambda w: self._bpe_many([w])[0], {SOT: (self.sot_token,), EOT: (self.eot_token,)}, cache_size
+        )
+        self._chunks = _Cache(self._chunk_ids, {"": (), _SEP: (_SEP_ID,)}, cache_size)
+        self._hf = _hf_bpe(self.encoder, merges)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(merges_path={self.merges_path!r}, vocab_size={self.vocab_size}, "
+            f"context_length={self.context_length}, truncate={self.truncate})"
+        )
+
+    # --- BPE on cache misses, batched into HF tokenizers' Rust BPE (same merge order as OpenAI's) ---
+    def _bpe_many(self, words: Sequence[str]) -> list[tuple[int, ...]]:
+        byte_words = ["".join(map(self.byte_encoder.__getitem__, w.encode("utf-8"))) for w in words]
+        enc = self._hf.encode(byte_words, is_pretokenized=True, add_special_tokens=False)
+        ids, word_of_id = np.array(enc.ids, dtype=np.int64), np.array(enc.word_ids, dtype=np.int64)
+        parts = np.split(ids, np.flatnonzero(np.diff(word_of_id)) + 1)
+        assert len(parts) == len(words), (len(parts), len(words))
+        return [tuple(p.tolist()) for p in parts]
+
+    def _learn(self, chunks: Iterable[str]) -> None:
+        """Fill both caches for every chunk not cached yet, with one BPE call for all new words."""
+        missing = set(chunks).difference(self._chunks)
+        if not missing:
+            return
+        words_of = {c: self._pattern.findall(c) for c in missing}
+        new_words = list(set(chain.from_iterable(words_of.values())).difference(self._words))
+        if new_words:
+            self._words.add(dict(zip(new_words, self._bpe_many(new_words))))
+        words = self._words  # __getitem__ recomputes a word if add() just reset the cache
+        self._chunks.add(
+            {c: tuple(chain.from_iterable(map(words.__getitem__, ws))) for c, ws in words_of.items()}
+        )
+
+    # --- encoding ---
+    def encode(self, text: str) -> list[int]:
+        """Ids of one text, without start/end tokens."""
+        words = self._pattern.findall(_fast_clean(text))
+        return list(chain.from_iterable(map(self._words.__getitem__, words)))
+
+    def _chunk_ids(self, chunk: str) -> tuple[int, ...]:
+        return tuple(chain.from_iterable(map(self._words.__getitem__, self._pattern.findall(chunk))))
+
+    def _flat_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(ids of all texts concatenated, row index of each id, rows that need the per-text path)."""
+        pieces = [_fast_clean(t) for t in texts]
+        odd = [i for i, p in enumerate(pieces) if _SEP in p]  # a NUL survived cleaning: no batch separator
+        for i in odd:
+            pieces[i] = ""
+        # No pre-tokeniser match contains whitespace, so the tokens of a text are the tokens of its
+        # space-delimited chunks, and texts are told apart by a separator chunk.
+        chunks = f" {_SEP} ".join(pieces).split(" ")
+        self._learn(chunks)
+        flat = np.fromiter(chain.from_iterable(map(self._chunks.__getitem__, chunks)), dtype=np.int64)
+        is_sep = flat == _SEP_ID
+        rows = np.cumsum(is_sep)
+        keep = ~is_sep
+        return flat[keep], rows[keep], odd
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text, without start/end tokens (same as ``[encode(t) for t in texts]``)."""
+        texts = _check_texts(texts)
+        ids, rows, odd = self._flat_ids(texts)
+        counts = np.bincount(rows, minlength=len(texts))
+        out = [part.tolist() for part in np.split(ids, np.cumsum(counts)[:-1])] if texts else []
+        for i in odd:
+            out[i] = self.encode(texts[i])
+        return out
+
+    def __call__(
+        self, texts: str | Sequence[str], context_length: int | None = None, truncate: bool | None = None
+    ) -> torch.Tensor:
+        """Tokenize to a LongTensor [n, context_length] like ``clip.tokenize``.
+
+        Too-long texts are cut to ``context_length`` with the end token kept last; with ``truncate=False``
+        they raise a ValueError naming the text and its length.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = _check_texts(texts)
+        context_length = self.context_length if context_length is None else context_length
+        truncate = self.truncate if truncate is None else truncate
+        n, room = len(texts), context_length - 2
+        ids, rows, odd = self._flat_ids(texts)
+        counts = np.bincount(rows, minlength=n)
+        starts = np.cumsum(counts) - counts
+        pos = np.arange(len(ids)) - starts[rows]
+        if not truncate:
+            for i in odd:
+                counts[i] = len(self.encode(texts[i]))
+            too_long = np.flatnonzero(counts > room)
+            if len(too_long):
+                i = int(too_long[0])
+                preview = texts[i] if len(texts[i]) <= 100 else texts[i][:100] + "..."
+                raise ValueError(
+                    f"text {i} is {counts[i] + 2} tokens long (with start/end), more than context_length "
+                    f"{context_length} and truncate=False: {preview!r}"
+                )
+        out = np.zeros((n, context_length), dtype=np.int64)
+        out[:, 0] = self.sot_token
+        fits = pos < room
+        out[rows[fits], pos[fits] + 1] = ids[fits]
+        out[np.arange(n), np.minimum(counts, room) + 1] = self.eot_token
+        for i in odd:
+            row = self.encode(texts[i])[:room]
+            out[i] = 0
+            out[i, : len(row) + 2] = [self.sot_token, *row, self.eot_token]
+        return torch.from_numpy(out)
+
+    # --- decoding ---
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
+        """Text of ids; a leading start token is dropped and decoding stops at the first end token."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor | np.ndarray) else list(ids)
+        if ids and ids[0] == self.sot_token:
+            ids = ids[1:]
+        if self.eot_token in ids:
+            ids = ids[: ids.index(self.eot_token)]
+        bad = [i for i in ids if i not in self.decoder]
+        if bad:
+            raise ValueError(f"ids outside the vocabulary (size {self.vocab_size}): {bad[:10]}")
+        text = "".join(self.decoder[i] for i in ids)
+        data = bytearray(self.byte_decoder[c] for c in text)
+        return data.decode("utf-8", errors="replace").replace(EOW, " ").rstrip(" ")
+
+    # --- training ---
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        out_path: str | os.PathLike,
+        min_frequency: int = 2,
+        context_length: int = 77,
+    ) -> Tokenizer:
+        """Learn ``vocab_size - 514`` merges from captions and write them in OpenAI's layout.
+
+        ``vocab_size`` counts the 512 byte symbols, the merges and the two special tokens. Text is
+        normalised and pre-tokenised exactly as at encoding time; HF ``tokenizers`` does the counting
+        and merging. If the corpus runs out of pairs seen ``min_frequency`` times, fewer merges are
+        written (with a warning) and the returned tokenizer's ``vocab_size`` says how many ids it has.
+        """
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import models, pre_tokenizers, trainers
+
+        n_merges = vocab_size - 512 - 2
+        if n_merges < 0:
+            raise ValueError(
+                f"vocab_size must be >= 514 (512 byte symbols + 2 special tokens), got {vocab_size}"
+            )
+        byte_encoder = bytes_to_unicode()
+        pattern = regex.compile(_PATTERN, regex.IGNORECASE)
+        encoded: dict[str, str] = {SOT: "", EOT: ""}  # special tokens are never split, so never trained on
+
+        def byte_words(word: str) -> str:
+            if word not in encoded:
+                encoded[word] = "".join(byte_encoder[b] for b in word.encode("utf-8", errors="surrogatepass"))
+            return encoded[word]
+
+        def corpus() -> Iterable[str]:
+            # Byte-encoded words contain no whitespace, so a whitespace split recovers them in Rust.
+            for text in texts:
+                if not isinstance(text, str):
+                    raise TypeError(
+                        f"Tokenizer.train expects str texts, got {type(text).__name__}: {text!r:.80}"
+                    )
+                yield " ".join(map(byte_words, pattern.findall(_fast_clean(text))))
+
+        hf = HFTokenizer(models.BPE(end_of_word_suffix=EOW))
+        hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        trainer = trainers.BpeTrainer(
+            vocab_size=n_merges + 512,  # HF counts the symbols it saw (<= 512) plus new tokens
+            min_frequency=min_frequency,
+            special_tokens=[],
+            end_of_word_suffix=EOW,
+            show_progress=False,
+        )
+        if n_merges:
+            hf.train_from_iterator(corpus(), trainer=trainer)
+            merges = _hf_merges(hf)[:n_merges]
+        else:
+            merges = []
+        if len(merges) < n_merges:
+            warnings.warn(
+                f"corpus only supports {len(merges)} merges (min_frequency={min_frequency}); "
+                f"vocab_size is {len(merges) + 514} instead of {vocab_size}",
+                stacklevel=2,
+            )
+        write_merges(merges, out_path)
+        return cls(out_path, context_length=context_length)
+
+
+def _hf_bpe(encoder: dict[str, int], merges: list[tuple[str, str]]):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    return HFTokenizer(models.BPE(vocab=encoder, merges=merges, end_of_word_suffix=EOW))
+
+
+def _hf_merges(hf) -> list[tuple[str, str]]:
+    import json
+
+    merges = json.loads(hf.to_str())["model"]["merges"]
+    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges]
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"text {i} is {type(t).__name__}, expected str: {t!r:.80}")
+    return texts

@@ -1,0 +1,256 @@
+"""CLIP BPE tokenizer: trained vocabulary, OpenAI file layout, id equality with the pure-Python reference."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import warnings
+
+import pytest
+import torch
+
+from clip_model._bpe_reference import ReferenceTokenizer, bytes_to_unicode
+from clip_model.tokenizer import OPENAI_NUM_MERGES, Tokenizer, clean_text, read_merges, write_merges
+
+VOCAB = 1000
+SYLLABLES = [
+    "ka",
+    "ri",
+    "to",
+    "mo",
+    "na",
+    "el",
+    "an",
+    "ber",
+    "sto",
+    "lin",
+    "gra",
+    "vel",
+    "qu",
+    "ish",
+    "ment",
+    "ing",
+    "ed",
+    "un",
+    "re",
+    "pho",
+    "sun",
+    "dog",
+    "cat",
+]
+
+# Text the fast paths could get wrong: non-ASCII scripts, HTML, whitespace, controls, case, contractions.
+EDGE_CASES = [
+    "",
+    " ",
+    "\t\n \r\n",
+    "A photo of a DOG on the beach.",
+    "a   photo\tof\na\r\ndog",
+    "  leading and trailing  ",
+    "it's they're we've I'm you'll he'd IT'S 'S 's ’s l'été d'accord ''' 'x",
+    "don't stop!!! ... ??? ?!?! -- *** ((parens)) [brackets] {braces} @user #tag $5 100% a/b\\c",
+    "numbers 0 12 345 6789 3.14159 1,000,000 2019-07-16 20160716_113957.JPG",
+    "café naïve straße Ångström façade résumé crème brûlée ŒUVRE",
+    "東京の夜景 北京 서울 日本語のテキスト",
+    "مرحبا بالعالم שלום עולם",
+    "emoji 😀🐶🏳️‍🌈👨‍👩‍👧 ❤️ 👍🏽 🇫🇷",
+    "html &amp; &lt;b&gt; &amp;amp; &quot;quoted&quot; &#39;single&#39; &nbsp;nbsp &#x1F600; &bogus;",
+    "<b>bold</b> &amp; <i>italic</i> &lt;3",
+    "mojibake Ã©tÃ© â€œquotesâ€\x9d",
+    "ﬁne ﬂour ＬＯＵＤ　ＮＯＩＳＥＳ ½ Ⅻ ²",
+    "control\x00chars\x01\x1b[31mred\x1b[0m\x7f\x1f\x1c end",
+    "\x00",
+    "a \x00 b",
+    "lone surrogate \ud800 here",
+    "İstanbul ΣΊΣΥΦΟΣ ſ 'ſ ß ǅ",
+    "combining e\u0301 a\u0308 zero\u200bwidth\u200d joiner\ufeff bom",
+    "<|startoftext|> inside <|endoftext|> text <|ENDOFTEXT|>",
+    "x" * 300,
+    "ha" * 400,
+    "word " * 2000,  # 10,000 characters
+    ("a photo of a cat, 2019! " * 420)[:10000],
+]
+
+
+def make_captions(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    words = ["".join(rng.choices(SYLLABLES, k=rng.randint(1, 3))) for _ in range(3000)]
+    extra = ["café", "東京", "😀", "&amp;", "it's", "x2", "(2019)", "!!!", "DOG"]
+    out = []
+    for _ in range(n):
+        toks = rng.choices(words, k=rng.randint(2, 12))
+        if rng.random() < 0.3:
+            toks.append(rng.choice(extra))
+        out.append(" ".join(toks))
+    return out
+
+
+def random_unicode(n: int, seed: int) -> list[str]:
+    """Strings mixing ASCII and code points from every plane, including controls and surrogates."""
+    rng = random.Random(seed)
+    ascii_chars = [chr(c) for c in range(0x20, 0x7F)] + ["\t", "\n", "&", "'"]
+    out = []
+    for _ in range(n):
+        chars = []
+        for _ in range(rng.randint(0, 40)):
+            r = rng.random()
+            if r < 0.6:
+                chars.append(rng.choice(ascii_chars))
+            elif r < 0.9:
+                chars.append(chr(rng.randint(0x80, 0x2FFF)))
+            else:
+                chars.append(chr(rng.randint(0x3000, 0x10FFFF)))
+        out.append("".join(chars))
+    return out
+
+
+@pytest.fixture(scope="module")
+def merges_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bpe") / "bpe.txt.gz"
+    Tokenizer.train(make_captions(3000, seed=0) + EDGE_CASES[:20], VOCAB, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok(merges_file):
+    return Tokenizer(merges_file)
+
+
+@pytest.fixture(scope="module")
+def ref(merges_file):
+    return ReferenceTokenizer(str(merges_file))
+
+
+def test_train_writes_openai_layout(merges_file, tok):
+    raw = gzip.decompress(merges_file.read_bytes()).decode("utf-8")
+    lines = raw.split("\n")
+    assert lines[0].startswith("#version")
+    assert not raw.endswith("\n")
+    merges = [tuple(line.split(" ")) for line in lines[1:]]
+    assert len(merges) == VOCAB - 512 - 2
+    assert len(set(merges)) == len(merges)
+    symbols = set(bytes_to_unicode().values())
+    for a, b in merges:
+        assert not a.endswith("</w>") and "</w>" not in a
+        assert set(a) <= symbols and set(b.removesuffix("</w>")) <= symbols
+    # OpenAI's loader slices lines 1..48,894 of the file: it must see exactly these merges.
+    assert [tuple(m.split()) for m in raw.split("\n")[1 : OPENAI_NUM_MERGES + 1]] == merges
+    assert (tok.vocab_size, tok.sot_token, tok.eot_token) == (VOCAB, VOCAB - 2, VOCAB - 1)
+
+
+def test_plain_text_round_trip(merges_file, tok, tmp_path):
+    merges = read_merges(merges_file)
+    write_merges(merges, tmp_path / "bpe.txt")
+    assert read_merges(tmp_path / "bpe.txt") == merges
+    plain = Tokenizer(tmp_path / "bpe.txt")
+    texts = make_captions(50, seed=5) + EDGE_CASES
+    assert torch.equal(plain(texts), tok(texts))
+
+
+def test_openai_sized_file_gives_49408_ids(tmp_path):
+    # OpenAI's file has a bare header and more merge lines than CLIP uses; only 48,894 are taken.
+    symbols = list(bytes_to_unicode().values())
+    merges = [(a, b + "</w>") for a in symbols for b in symbols][:50000]
+    path = tmp_path / "bpe_simple_vocab_16e6.txt.gz"
+    lines = ['"bpe_simple_vocab_16e6.txt#version: 0.2'] + [f"{a} {b}" for a, b in merges]
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    tok = Tokenizer(path)
+    assert (tok.vocab_size, tok.sot_token, tok.eot_token) == (49408, 49406, 49407)
+    ref = ReferenceTokenizer(str(path))
+    assert ref.vocab_size == 49408
+    texts = ["ab", "a b c", "zz top", "ÿþ", "東京"]
+    assert tok.encode_batch(texts) == [ref.encode(t) for t in texts]
+
+
+def test_ids_equal_reference_on_varied_corpus(tok, ref):
+    texts = EDGE_CASES + make_captions(300, seed=1) + random_unicode(300, seed=2)
+    expected = [ref.encode(t) for t in texts]
+    assert tok.encode_batch(texts) == expected
+    assert [tok.encode(t) for t in texts] == expected
+    assert tok(texts).tolist() == ref.tokenize(texts)
+    # Batch boundaries and cache state must not matter.
+    fresh = Tokenizer(tok.merges_path, cache_size=50)
+    rows = torch.cat([fresh(texts[i : i + 7]) for i in range(0, len(texts), 7)])
+    assert rows.tolist() == ref.tokenize(texts)
+
+
+def test_special_tokens_and_padding(tok):
+    out = tok(["", "a dog"])
+    assert out.dtype == torch.long and out.shape == (2, 77)
+    assert out[0, :2].tolist() == [tok.sot_token, tok.eot_token] and not out[0, 2:].any()
+    n = len(tok.encode("a dog"))
+    assert out[1, 0] == tok.sot_token and out[1, n + 1] == tok.eot_token and not out[1, n + 2 :].any()
+    assert tok("a dog").shape == (1, 77)
+    assert tok([]).shape == (0, 77)
+    # The text feature is read at argmax(token id): the end token must be the largest id.
+    assert out.argmax(dim=-1).tolist() == [1, n + 1]
+    assert tok("<|endoftext|>")[0, :3].tolist() == [tok.sot_token, tok.eot_token, tok.eot_token]
+
+
+def test_truncation_keeps_end_token(tok, ref):
+    long_text = "a photo of a dog on the beach " * 40
+    row = tok(long_text)[0]
+    ids = ref.encode(long_text)
+    assert len(ids) > 75
+    assert row.tolist() == [tok.sot_token, *ids[:75], tok.eot_token]
+    short = Tokenizer(tok.merges_path, context_length=10)(long_text)
+    assert short.shape == (1, 10) and short[0].tolist() == [tok.sot_token, *ids[:8], tok.eot_token]
+
+
+def test_truncate_false_raises_naming_text_and_length(tok):
+    strict = Tokenizer(tok.merges_path, truncate=False)
+    assert strict("a short caption").shape == (1, 77)
+    text = "lorem ipsum " * 100
+    n = len(tok.encode(text)) + 2
+    with pytest.raises(ValueError, match=rf"text 1 is {n} tokens long.*context_length 77.*lorem ipsum"):
+        strict(["fine", text])
+    with pytest.raises(ValueError, match="truncate=False"):
+        tok(["\x00" * 100 + " x" * 100], truncate=False)  # the per-text path checks length too
+
+
+@pytest.mark.parametrize("text", ["", "😀🐶🏳️‍🌈", "東京の夜景", "مرحبا بالعالم", "x" * 10000, "東京 " * 2000])
+def test_bad_inputs_tokenize(tok, text):
+    out = tok([text])
+    assert out.shape == (1, 77) and out[0, 0] == tok.sot_token and tok.eot_token in out[0].tolist()
+
+
+def test_bytes_fallback_round_trips_any_character(tok):
+    rng = random.Random(3)
+    chars = [chr(c) for c in rng.sample(range(0x80, 0x110000), 3000) if not 0xD800 <= c < 0xE000]
+    # Literal special-token text decodes as the special tokens (decode stops at the end token).
+    texts = (
+        chars
+        + ["".join(rng.choices(chars, k=20)) for _ in range(100)]
+        + [t for t in EDGE_CASES if "<|" not in t]
+    )
+    for text, ids in zip(texts, tok.encode_batch(texts)):
+        assert tok.decode(ids).replace(" ", "") == clean_text(text).replace(" ", ""), repr(text)
+    assert tok.decode(tok("hello world")[0]) == "hello world"
+
+
+def test_errors(tok, tmp_path):
+    with pytest.raises(ValueError, match="bpe_simple_vocab_16e6.txt.gz.*Tokenizer.train"):
+        Tokenizer()
+    with pytest.raises(FileNotFoundError, match="nope.txt.gz"):
+        Tokenizer(tmp_path / "nope.txt.gz")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("#version: 0.2\na b\nc d e\n")
+    with pytest.raises(ValueError, match=r"bad.txt:3: expected a merge"):
+        Tokenizer(bad)
+    with pytest.raises(TypeError, match="text 1 is int"):
+        tok(["ok", 3])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([tok.vocab_size + 5])
+    with pytest.raises(ValueError, match="vocab_size must be >= 514"):
+        Tokenizer.train(["a"], 100, tmp_path / "x.txt")
+
+
+def test_train_small_corpus_warns_and_reports_real_size(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = Tokenizer.train(["a cat", "a cat", "the dog"], 5000, tmp_path / "small.txt")
+    assert any("corpus only supports" in str(w.message) for w in caught)
+    n_merges = len(read_merges(tmp_path / "small.txt"))
+    assert 0 < n_merges < 5000 - 514
+    assert small.vocab_size == 514 + n_merges and small.eot_token == small.vocab_size - 1
+    assert small.encode("a cat") == [small.encoder["a</w>"], small.encoder["cat</w>"]]
