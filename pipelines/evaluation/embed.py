@@ -198,7 +198,7 @@ class EmbeddedSet:
     from_cache: bool = False
 
 
-def _use_ray(eval_set: EvalSet, opts: EmbedOptions) -> bool:
+def needs_ray(eval_set: EvalSet, opts: EmbedOptions) -> bool:
     if opts.use_ray == "always":
         return True
     if opts.use_ray == "never":
@@ -333,7 +333,7 @@ def embed_eval_set(
             cached.from_cache = True
             return cached
 
-    use_ray = _use_ray(eval_set, opts)
+    use_ray = needs_ray(eval_set, opts)
     rows = sorted(_run_images(eval_set, model_source, opts, image_size, use_ray), key=lambda r: str(r["id"]))
     dropped = dict(eval_set.dropped)
     n_in = len(rows) + sum(eval_set.dropped.values())
