@@ -14,8 +14,9 @@ import torch
 from .configs import CLIPConfig
 from .model import CLIP
 
-# Scalars that OpenAI's TorchScript archives carry in their state dict and `build_model` deletes.
-_JIT_ATTRIBUTES = ("input_resolution", "context_length", "vocab_size")
+# Scalars that OpenAI's TorchScript archives carry in their state dict and `build_model` deletes, and
+# the causal mask, a non-persistent buffer that TorchScript archives of this model nevertheless carry.
+_JIT_ATTRIBUTES = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 
 class CheckpointError(ValueError):
@@ -149,11 +150,19 @@ def load(
     raw = source if isinstance(source, Mapping) else _read_state_dict(source)
     state_dict = _unwrap(raw)
     config = infer_config(state_dict)
-    with torch.device("meta"):
-        skeleton = CLIP.from_config(config)
-    _check_compatible(skeleton, state_dict)
-    model = CLIP.from_config(config)
-    model.load_state_dict(state_dict, strict=False)  # strictness checked above, with names
+    with torch.device("meta"):  # no time spent initialising weights that are overwritten next
+        model = CLIP.from_config(config)
+    _check_compatible(model, state_dict)
+    state_dict = {
+        k: v.to("cpu", torch.float32, copy=True) if v.is_floating_point() else v.to("cpu", copy=True)
+        for k, v in state_dict.items()
+    }
+    model.load_state_dict(state_dict, strict=False, assign=True)  # strictness checked above, with names
+    # What the state dict does not carry: the causal mask and (optionally) BatchNorm batch counters.
+    model.attn_mask = model.build_attention_mask()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d) and module.num_batches_tracked.is_meta:
+            module.num_batches_tracked = torch.tensor(0, dtype=torch.long)
     return model.to(device).eval()
 
 
