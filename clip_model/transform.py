@@ -21,7 +21,7 @@ _WHITE = (255, 255, 255)
 
 
 def _gray16_to_8bit(array: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.round(array / 257.0), 0, 255).astype(np.uint8))
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = _WHITE) -> Image.Image:
@@ -44,15 +44,16 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = _WHITE) -> Ima
         array = np.asarray(image, dtype=np.float64)
         if array.size and array.max() > 255:
             return _gray16_to_8bit(array).convert("RGB")
-        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).convert("RGB")
     if mode == "F":
         array = np.asarray(image, dtype=np.float64)
         if array.size and array.min() >= 0.0 and array.max() <= 1.0:
             array = array * 255.0
-        return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(np.clip(np.round(array), 0, 255).astype(np.uint8)).convert("RGB")
     has_alpha = mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in image.info
     if has_alpha:
-        rgba = image.convert("RGBA")
+        # Premultiplied La converts only to LA; everything else converts straight to RGBA.
+        rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, background + (255,))
         canvas.alpha_composite(rgba)
         return canvas.convert("RGB")
