@@ -16,7 +16,7 @@ def test_separates_linearly_separable_features():
     centres = torch.eye(6, 12) * 4
     train_x, train_y = blobs(30, centres, 0.5, seed=0)
     test_x, test_y = blobs(20, centres, 0.5, seed=1)
-    result = linear_probe(train_x, train_y, test_x, test_y, steps_per_decade=2, max_iter=200)
+    result = linear_probe(train_x, train_y, test_x, test_y, steps_per_decade=2, max_iter=60)
     assert result["accuracy"] == 1.0
     assert result["train_accuracy"] == 1.0
     assert result["n_train"] + result["n_val"] == len(train_y) and result["n_val"] > 0
