@@ -65,7 +65,8 @@ class QueryConfig:
     max_query_chars: int = 100
     source_priority: list[str] = field(default_factory=lambda: list(SOURCES))
     pages_per_batch: int = 2000
-    num_partitions: int = 64  # hash partitions of the count aggregation (Ray's default is 200)
+    num_partitions: int = 64  # partitions of the count aggregation (Ray's default is 200)
+    shuffle_strategy: str = "sort_shuffle_pull_based"  # see CurationConfig.shuffle_strategy
     stats_actor: str = "wit_queries_stats"
 
 
@@ -385,6 +386,13 @@ def assemble_queries(
 
 def build_query_list(cfg: QueryConfig) -> pd.DataFrame:
     """The Ray Data job: count, threshold, assemble; writes `queries.parquet` and `_stats.json`."""
+    from pipelines.wit.curate import shuffle_strategy
+
+    with shuffle_strategy(cfg.shuffle_strategy):
+        return _build_query_list(cfg)
+
+
+def _build_query_list(cfg: QueryConfig) -> pd.DataFrame:
     import ray
 
     started = time.time()
