@@ -21,6 +21,9 @@ class TrainConfig:
     data_format: Literal["webdataset", "parquet"] = "webdataset"
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0 = off)
     prefetch_batches: int = 2
+    decode_workers: int = 1  # PrepareBatch actors (decode + augment + tokenize)
+    decode_cpus: float = 1.0  # CPUs per decode actor
+    decode_batch_size: int = 64
 
     # Batch and length. The global contrastive batch is batch_size * num_workers; with accum_steps > 1
     # each worker splits its batch into that many micro-batches (exact gradient cache, see gradcache.py).
@@ -49,6 +52,7 @@ class TrainConfig:
     name: str = "clip"
     checkpoint_every: int = 0  # steps; 0 = at the end of each epoch only
     keep_checkpoints: int = 2
+    resume_from: str | None = None  # a checkpoint folder to start from (same model config only)
     seed: int = 0
     log_every: int = 10
 
