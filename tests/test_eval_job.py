@@ -51,7 +51,9 @@ def setup(tmp_path_factory):
     tok = clip_model.Tokenizer.train(captions + [c.label for c in CONCEPTS], 600, ckpt / "merges.txt.gz")
     torch.manual_seed(0)
     model = clip_model.create_model("tiny-vit", vocab_size=tok.vocab_size)
-    clip_model.save_openai_checkpoint(model, ckpt / "model_openai_fp16.pt")
+    # The trainer's checkpoint folder layout: full training state beside the FP16 OpenAI-layout weights.
+    clip_model.save_openai_checkpoint(model, ckpt / "openai_fp16.pt")
+    torch.save({"step": 0}, ckpt / "state.pt")
 
     zs = write_folder(base / "zs", 2, seed=1)
     (zs / "red_circle" / "broken.jpg").write_bytes(b"this is not a jpeg")  # counted, skipped
