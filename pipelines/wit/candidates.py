@@ -7,7 +7,8 @@ Schema of every batch: `url`, `caption`, `page_url` (may be empty), `source` (th
   `alt` text, the `src` resolved against the page's `<base href>` or, failing that, the page URL.
 
 Bad input is counted, never fatal: a truncated compressed file ends that file (`truncated_input`), a
-malformed WAT record or table row is skipped (`malformed_record`), bytes that are not UTF-8 are skipped
+malformed WAT record or table row is skipped (`malformed_record`; warcio hands over the last
+record of a cut WAT file as a partial record, which lands here too), bytes that are not UTF-8 are skipped
 (`invalid_utf8`), images without alt text are `no_alt`.
 """
 
