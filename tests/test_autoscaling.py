@@ -124,11 +124,15 @@ class FakeAutoscalingCluster:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited: {(Path(self.temp_dir) / 'ray_start.log').read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
-                    if r.status == 200:
-                        return self
+                raise RuntimeError(
+                    f"ray start exited: {(Path(self.temp_dir) / 'ray_start.log').read_text()[-3000:]}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r,
+            ):
+                if r.status == 200:
+                    return self
             time.sleep(0.5)
         self.stop()
         raise TimeoutError("fake autoscaling cluster did not come up")
