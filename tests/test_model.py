@@ -8,7 +8,15 @@ import torch
 import torch.nn.functional as F
 
 import clip_model
-from clip_model.model import CLIP, AttentionPool2d, Bottleneck, LayerNorm, ModifiedResNet, VisionTransformer
+from clip_model.model import (
+    CLIP,
+    AttentionPool2d,
+    Bottleneck,
+    LayerNorm,
+    ModifiedResNet,
+    QuickGELU,
+    VisionTransformer,
+)
 from clip_model.summary import main as summary_main
 from clip_model.summary import summarize
 
@@ -369,3 +377,26 @@ def test_summary_counts_and_flops(capsys):
     assert "tiny-vit" in out and "tiny-rn" in out and "7,986,817" in out
     with pytest.raises(SystemExit):
         summary_main(["RN51"])
+
+
+def test_attention_pool_attends_from_the_mean_token():
+    torch.manual_seed(0)
+    pool = AttentionPool2d(spacial_dim=2, embed_dim=16, num_heads=2, output_dim=8).eval()
+    x = torch.randn(3, 16, 2, 2)
+    tokens = x.flatten(2).permute(0, 2, 1)  # [N, 4, C]
+    tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1) + pool.positional_embedding
+    q = pool.q_proj(tokens[:, :1]).view(3, 1, 2, 8).transpose(1, 2)
+    k = pool.k_proj(tokens).view(3, 5, 2, 8).transpose(1, 2)
+    v = pool.v_proj(tokens).view(3, 5, 2, 8).transpose(1, 2)
+    attended = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, dim=-1) @ v  # [N, heads, 1, 8]
+    expected = pool.c_proj(attended.transpose(1, 2).reshape(3, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(pool(x), expected)
+
+
+def test_quick_gelu_is_the_sigmoid_approximation():
+    x = torch.linspace(-6, 6, 101)
+    torch.testing.assert_close(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+    assert not torch.allclose(QuickGELU()(x), F.gelu(x))  # the released models use this, not exact GELU
+    mlp = clip_model.create_model("tiny-vit", device="meta").transformer.resblocks[0].mlp
+    assert [type(m) for m in mlp] == [torch.nn.Linear, QuickGELU, torch.nn.Linear]

@@ -1,6 +1,8 @@
 """Preprocessing: output sizes, OpenAI's resize/crop geometry and normalisation, seeded random crops, and
 RGB conversion of every PIL mode."""
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,9 @@ def test_train_crops_are_deterministic_under_a_seed():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
     assert len({x.sum().item() for x in a}) > 1  # successive calls draw new crops
+    # Ray Data ships transforms to workers by pickling: a copy continues the same sequence.
+    copy = pickle.loads(pickle.dumps(first))
+    assert torch.equal(copy(image), first(image))
 
 
 def test_train_crop_is_a_random_square_window_of_the_image():
