@@ -263,7 +263,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window["wait"] += wait
             window["steps"] += 1
 
-            last = step == total_steps
+            # In epochs mode the run ends with the epoch-end checkpoint below, not a step checkpoint.
+            last = step == total_steps and cfg.max_steps > 0
             checkpoint_now = last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)
             if step % cfg.log_every == 0 or checkpoint_now:
                 metrics = {
@@ -288,7 +289,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if cfg.crash_at_step and step == cfg.crash_at_step and rank == world - 1:
                 _crash_once(cfg)
 
-        if not exhausted:
+        if not exhausted and cfg.max_steps > 0:
             break  # step budget reached mid-epoch; the last checkpoint holds the position
         if epoch_steps == 0 and len(position.trained_hashes) == 0:
             raise RuntimeError(

@@ -1,0 +1,42 @@
+"""Train CLIP on shards with Ray Train (DDP workers fed by Ray Data).
+
+    python jobs/train_clip.py --config configs/train_tiny.yaml data_uri=/data/shards num_workers=4
+    ray job submit --working-dir . -- python jobs/train_clip.py --config configs/train_tiny.yaml
+
+Joins a running Ray cluster when there is one (`ray.init()`), else starts a local one. Prints the latest
+checkpoint (full training state + FP16 OpenAI-layout weights) and the final metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `python jobs/train_clip.py` from anywhere
+
+import ray  # noqa: E402
+
+from pipelines.config import parse_args  # noqa: E402
+from pipelines.train.config import TrainConfig  # noqa: E402
+from pipelines.train.trainer import train  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(TrainConfig, argv, description=__doc__)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Workers import clip_model/pipelines from this checkout (ray job submit ships it as the working dir).
+    pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    result = train(cfg)
+    if result.error is not None:
+        print(f"training failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else None}")
+    print(f"metrics: {json.dumps(result.metrics, default=str)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
