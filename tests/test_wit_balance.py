@@ -15,7 +15,7 @@ def _table(n=2000, seed=1):
     queries = ["photo", "dog", "cat", "zebra"]
     weights = [60, 25, 12, 3]
     rows = []
-    for i in range(n):
+    for _ in range(n):
         k = rng.randint(1, 3)
         rows.append(sorted(set(rng.choices(queries, weights, k=k))))
     return pa.table(
