@@ -10,8 +10,8 @@ Why this one is fast (same ids, see ``benchmarks/bench_tokenizer.py``):
 - no pre-tokeniser match contains a space, so a text's ids are the ids of its space-delimited chunks:
   a batch is joined into one string, split on spaces, and each distinct chunk is pre-tokenised and
   BPE-encoded once (chunk -> ids and word -> ids caches);
-- the ids are flattened in C (``itertools.chain`` + ``numpy.fromiter``) and rows are padded and
-  truncated with vectorised numpy.
+- cached ids are packed int32 bytes, so a batch's ids are one ``bytes.join`` (no Python int per id),
+  and rows are padded and truncated with vectorised numpy.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ OPENAI_NUM_MERGES = 49152 - 256 - 2
 _PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _SEP = "\x00"  # separates texts in a batch; texts whose cleaned form holds it take the per-text path
 _SEP_ID = -1
+_ID = np.dtype(np.int32)  # cached ids are packed int32 bytes
 _NO_MERGES_HELP = (
     "Tokenizer needs a merges file: pass merges_path= the OpenAI file bpe_simple_vocab_16e6.txt.gz "
     "(from the openai/CLIP repository; this package does not bundle or download it) or a file "
@@ -125,20 +126,20 @@ def write_merges(merges: Sequence[tuple[str, str]], path: str | os.PathLike) -> 
 
 
 class _Cache(dict):
-    """key -> tuple of ids, computed by ``compute`` on a miss; cleared (back to ``fixed``) past max_size."""
+    """key -> packed int32 ids, computed by ``compute`` on a miss; cleared (back to ``fixed``) past max_size."""
 
-    def __init__(self, compute, fixed: dict[str, tuple[int, ...]], max_size: int):
+    def __init__(self, compute, fixed: dict[str, bytes], max_size: int):
         super().__init__(fixed)
         self._compute = compute
         self._fixed = fixed
         self._max_size = max_size
 
-    def __missing__(self, key: str) -> tuple[int, ...]:
+    def __missing__(self, key: str) -> bytes:
         ids = self._compute(key)
         self.add({key: ids})
         return ids
 
-    def add(self, items: dict[str, tuple[int, ...]]) -> None:
+    def add(self, items: dict[str, bytes]) -> None:
         if len(self) + len(items) > self._max_size:
             self.clear()
             self.update(self._fixed)
@@ -177,9 +178,11 @@ class Tokenizer:
         self._pattern = regex.compile(_PATTERN, regex.IGNORECASE)
         # Two caches: pre-tokenised word -> ids (BPE), and space-delimited chunk -> ids (regex + words).
         self._words = _Cache(
-            lambda w: self._bpe_many([w])[0], {SOT: (self.sot_token,), EOT: (self.eot_token,)}, cache_size
+            lambda w: self._bpe_many([w])[0],
+            {SOT: _pack(self.sot_token), EOT: _pack(self.eot_token)},
+            cache_size,
         )
-        self._chunks = _Cache(self._chunk_ids, {"": (), _SEP: (_SEP_ID,)}, cache_size)
+        self._chunks = _Cache(self._chunk_ids, {"": b"", _SEP: _pack(_SEP_ID)}, cache_size)
         self._hf = _hf_bpe(self.encoder, merges)
 
     def __repr__(self) -> str:
@@ -189,13 +192,13 @@ class Tokenizer:
         )
 
     # --- BPE on cache misses, batched into HF tokenizers' Rust BPE (same merge order as OpenAI's) ---
-    def _bpe_many(self, words: Sequence[str]) -> list[tuple[int, ...]]:
+    def _bpe_many(self, words: Sequence[str]) -> list[bytes]:
         byte_words = ["".join(map(self.byte_encoder.__getitem__, w.encode("utf-8"))) for w in words]
         enc = self._hf.encode(byte_words, is_pretokenized=True, add_special_tokens=False)
-        ids, word_of_id = np.array(enc.ids, dtype=np.int64), np.array(enc.word_ids, dtype=np.int64)
+        ids, word_of_id = np.array(enc.ids, dtype=_ID), np.array(enc.word_ids, dtype=np.int64)
         parts = np.split(ids, np.flatnonzero(np.diff(word_of_id)) + 1)
         assert len(parts) == len(words), (len(parts), len(words))
-        return [tuple(p.tolist()) for p in parts]
+        return [p.tobytes() for p in parts]
 
     def _learn(self, chunks: Iterable[str]) -> None:
         """Fill both caches for every chunk not cached yet, with one BPE call for all new words."""
@@ -207,18 +210,16 @@ class Tokenizer:
         if new_words:
             self._words.add(dict(zip(new_words, self._bpe_many(new_words))))
         words = self._words  # __getitem__ recomputes a word if add() just reset the cache
-        self._chunks.add(
-            {c: tuple(chain.from_iterable(map(words.__getitem__, ws))) for c, ws in words_of.items()}
-        )
+        self._chunks.add({c: b"".join(map(words.__getitem__, ws)) for c, ws in words_of.items()})
 
     # --- encoding ---
     def encode(self, text: str) -> list[int]:
         """Ids of one text, without start/end tokens."""
         words = self._pattern.findall(_fast_clean(text))
-        return list(chain.from_iterable(map(self._words.__getitem__, words)))
+        return np.frombuffer(b"".join(map(self._words.__getitem__, words)), dtype=_ID).tolist()
 
-    def _chunk_ids(self, chunk: str) -> tuple[int, ...]:
-        return tuple(chain.from_iterable(map(self._words.__getitem__, self._pattern.findall(chunk))))
+    def _chunk_ids(self, chunk: str) -> bytes:
+        return b"".join(map(self._words.__getitem__, self._pattern.findall(chunk)))
 
     def _flat_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """(ids of all texts concatenated, row index of each id, rows that need the per-text path)."""
@@ -230,7 +231,7 @@ class Tokenizer:
         # space-delimited chunks, and texts are told apart by a separator chunk.
         chunks = f" {_SEP} ".join(pieces).split(" ")
         self._learn(chunks)
-        flat = np.fromiter(chain.from_iterable(map(self._chunks.__getitem__, chunks)), dtype=np.int64)
+        flat = np.frombuffer(b"".join(map(self._chunks.__getitem__, chunks)), dtype=_ID).astype(np.int64)
         is_sep = flat == _SEP_ID
         rows = np.cumsum(is_sep)
         keep = ~is_sep
@@ -366,6 +367,10 @@ class Tokenizer:
             )
         write_merges(merges, out_path)
         return cls(out_path, context_length=context_length)
+
+
+def _pack(token_id: int) -> bytes:
+    return np.array([token_id], dtype=_ID).tobytes()
 
 
 def _hf_bpe(encoder: dict[str, int], merges: list[tuple[str, str]]):
