@@ -34,7 +34,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pipelines import synthetic
-from pipelines.wit.formats import Synset, WatPage, write_mediawiki_dump, write_pageviews, write_wat, write_wordnet
+from pipelines.wit.formats import (
+    Synset,
+    WatPage,
+    write_mediawiki_dump,
+    write_pageviews,
+    write_wat,
+    write_wordnet,
+)
 
 LANGUAGES = ("fr", "de", "es")
 CAMERA_NAMES = ("IMG_{n:04d}", "DSC{n:05d}", "2016{n:04d}_113957", "PXL_2021{n:04d}_101010")
@@ -118,7 +125,9 @@ def _file_name(concept: synthetic.Concept, i: int, camera: bool, rng: random.Ran
     return f"{concept.colour}-{concept.shape}-{i}.jpg"
 
 
-def _alt_text(sample: synthetic.SyntheticSample, name: str, camera: bool, lang: str, rng: random.Random) -> str:
+def _alt_text(
+    sample: synthetic.SyntheticSample, name: str, camera: bool, lang: str, rng: random.Random
+) -> str:
     if camera:
         return name.rsplit(".", 1)[0]  # alt text that is just the camera's file name
     if lang != "en":
