@@ -92,7 +92,7 @@ def trained_run(ray_local, merges, tmp_path_factory):
     path, tok = merges
     root = tmp_path_factory.mktemp("train_run")
     samples = list(
-        synthetic_shard_samples(386, seed=0, size=SIZE, concepts=CONCEPTS, variety=False, noise=0.1)
+        synthetic_shard_samples(322, seed=0, size=SIZE, concepts=CONCEPTS, variety=False, noise=0.1)
     )
     samples[5]["jpg"] = samples[5]["jpg"][:40]  # truncated JPEG
     samples[200]["txt"] = ""  # no caption
@@ -103,7 +103,7 @@ def trained_run(ray_local, merges, tmp_path_factory):
         tokenizer_merges=path,
         data_uri=str(root / "shards"),
         batch_size=16,
-        epochs=4,
+        epochs=3,
         lr=1e-3,
         warmup_steps=5,
         shuffle_buffer=64,
@@ -143,6 +143,7 @@ def test_run_learns_and_zero_shot_is_far_above_chance(trained_run, merges):
     with torch.no_grad():
         weights = build_zero_shot_classifier(model, tok, COLOURS, ["a photo of a {} circle.", "a {} square"])
         accuracy = (predict(model.encode_image(images), weights)[:, 0] == labels).float().mean().item()
+    print(f"losses {losses[0]:.3f} -> {losses[-1]:.3f}, zero-shot accuracy {accuracy:.2f}")
     assert accuracy >= 0.6, f"zero-shot accuracy {accuracy:.2f} (chance 0.25)"
 
 
@@ -154,11 +155,11 @@ def test_every_sample_once_per_epoch_and_bad_rows_counted(trained_run):
         assert epoch["bad"] == {"corrupt_image": 1, "missing_caption": 1}
         assert epoch["trained"] == epoch["unique_trained"]
         assert epoch["trained"] % global_batch == 0
-        assert epoch["trained"] + 2 + epoch["leftover"] == epoch["rows"] == 386
+        assert epoch["trained"] + 2 + epoch["leftover"] == epoch["rows"] == 322
         assert epoch["leftover"] < global_batch + cfg.num_workers
     assert state["step"] == sum(e["trained"] for e in state["epochs"]) // global_batch
     assert state["nonfinite_skipped"] == 0
-    assert float(trained_run["fp32"].logit_scale.exp()) <= 100.0 + 1e-4
+    assert float(trained_run["fp32"].logit_scale.detach().exp()) <= 100.0 + 1e-4
 
 
 def test_fp16_openai_export_matches_fp32(trained_run, merges):

@@ -1,0 +1,104 @@
+"""Training throughput on Ray: samples/s and the fraction of step time spent waiting for data, for the tiny
+model and ViT-B/32, CPU, 2 gloo workers fed by Ray Data from synthetic WebDataset shards.
+
+    python benchmarks/bench_train.py [--models tiny-vit ViT-B/32] [--steps 6]
+
+Builds shards + a small tokenizer in a temp folder (model vocab = tokenizer vocab; otherwise the
+architectures are the released ones), runs TorchTrainer for a few steps per model and reports the mean over
+the logged steps after the first (which includes the start of the data pipeline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+
+from clip_model import Tokenizer, get_config  # noqa: E402
+from pipelines.shards import write_dataset  # noqa: E402
+from pipelines.synthetic import generate, synthetic_shard_samples  # noqa: E402
+from pipelines.train.config import TrainConfig  # noqa: E402
+from pipelines.train.trainer import train  # noqa: E402
+
+DEFAULTS = {"tiny-vit": {"batch": 32, "overrides": {}}, "ViT-B/32": {"batch": 4, "overrides": {}}}
+
+
+def bench(name: str, root: str, merges: str, vocab: int, steps: int, batch: int) -> dict:
+    size = get_config(name).image_resolution
+    data = os.path.join(root, f"shards_{size}")
+    if not os.path.exists(data):
+        write_dataset(
+            synthetic_shard_samples(batch * 2 * (steps + 2), seed=0, size=size), data, 64, ("webdataset",)
+        )
+    cfg = TrainConfig(
+        model=name,
+        model_overrides={"vocab_size": vocab},
+        tokenizer_merges=merges,
+        data_uri=data,
+        batch_size=batch,
+        max_steps=steps,
+        warmup_steps=1,
+        storage_path=os.path.join(root, "runs"),
+        name=name.replace("/", "_"),
+        log_every=1,
+        checkpoint_every=0,
+    )
+    t0 = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - t0
+    if result.error is not None:
+        raise result.error
+    with result.checkpoint.as_directory() as d, open(os.path.join(d, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))[1:]
+    return {
+        "model": name,
+        "global batch": batch * cfg.num_workers,
+        "steps": steps,
+        "samples/s": statistics.mean(float(r["samples_per_s"]) for r in rows),
+        "data wait": statistics.mean(float(r["data_wait_frac"]) for r in rows),
+        "wall s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=list(DEFAULTS))
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": ROOT}},
+    )
+    with tempfile.TemporaryDirectory() as root:
+        merges = os.path.join(root, "merges.txt.gz")
+        vocab = Tokenizer.train([s.caption for s in generate(500, seed=1, size=32)], 800, merges).vocab_size
+        results = [
+            bench(m, root, merges, vocab, args.steps, DEFAULTS.get(m, {"batch": 8})["batch"])
+            for m in args.models
+        ]
+    ray.shutdown()
+    print(
+        f"\n{'model':<10} {'global batch':>12} {'steps':>6} {'samples/s':>10} {'data wait':>10} {'wall s':>8}"
+    )
+    ref = results[0]["samples/s"]
+    for r in results:
+        print(
+            f"{r['model']:<10} {r['global batch']:>12} {r['steps']:>6} {r['samples/s']:>10.2f} "
+            f"{r['data wait']:>10.1%} {r['wall s']:>8.1f}   ({r['samples/s'] / ref:.3f}x {results[0]['model']})"
+        )
+
+
+if __name__ == "__main__":
+    main()
