@@ -26,12 +26,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from jobs.submit import submit_job, wait_for_job
 from pipelines import synthetic
 from pipelines.local_cluster import LOOPBACK_ENV, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-from submit import submit_job, wait_for_job  # noqa: E402
 
 IDLE_TIMEOUT_MINUTES = 0.3  # 18 s instead of aws.yaml's minutes (shorter: nodes churn between stages)
 NODE_SIZE = 2  # at most 2 units of any resource per fake node

@@ -1,0 +1,198 @@
+"""The quick start: the whole system on one machine, through the same job submission a cluster uses.
+
+    python jobs/demo.py [--run-dir runs/demo] [--address http://HOST:8265] [--small]
+
+1. writes the demo web corpus (pipelines/demo_corpus.py) and serves it on 127.0.0.1;
+2. starts a private Ray head on 127.0.0.1 (or uses `--address`), and submits, each with jobs/submit.py:
+   the query list (Wikipedia + page views + WordNet) -> build_wit.py (WAT -> filters -> match -> balance ->
+   crawl -> shards) -> train_clip.py (2 CPU workers, tiny ViT) -> eval_clip.py (held-out images and captions);
+3. prints the dataset funnel, training time and throughput, and zero-shot accuracy against chance, and
+   writes plots (training curve, funnel, per-query histogram) and the evaluation report into the run folder.
+
+Idempotent: a rerun reuses the corpus, the query list and the committed shards, and trains afresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from jobs.submit import run_job  # noqa: E402
+from pipelines.demo_corpus import CorpusParams, serve, write_corpus  # noqa: E402
+from pipelines.local_cluster import LocalRayCluster  # noqa: E402
+
+FULL = {"images_per_concept": 24, "heldout_per_concept": 6, "epochs": 12}
+SMALL = {"images_per_concept": 6, "heldout_per_concept": 2, "epochs": 2}
+
+
+def train_tokenizer(captions: list[str], out: Path, vocab_size: int) -> None:
+    from clip_model import Tokenizer
+
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Tokenizer.train(captions, vocab_size, out)
+
+
+def shard_captions(shard_dir: Path) -> list[str]:
+    from pipelines import shards
+
+    captions = []
+    for tar in sorted(shard_dir.glob("*.tar")):
+        captions += [s["txt"] for s in shards.read_tar_samples(str(tar))]
+    return captions
+
+
+def plot_training(metrics_csv: Path, out: Path) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(metrics_csv.open()))
+    step = [int(float(r["step"])) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, key in zip(axes, ("loss", "logit_scale", "samples_per_s")):
+        ax.plot(step, [float(r[key]) for r in rows])
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return {"steps": step[-1] if step else 0, "last": rows[-1] if rows else {}}
+
+
+def plot_funnel(stats: dict, out_funnel: Path, out_queries: Path) -> list[tuple[str, int, int]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    funnel = []
+    curation = stats.get("curation", {}).get("stages", {})
+    for name, stage in list(curation.items()) + list(stats.get("stages", {}).items()):
+        funnel.append((name, int(stage["in"]), int(stage["out"])))
+    fig, ax = plt.subplots(figsize=(8, 0.4 * len(funnel) + 1))
+    names = [f[0] for f in funnel][::-1]
+    ax.barh(names, [f[1] for f in funnel][::-1], color="#ccc", label="in")
+    ax.barh(names, [f[2] for f in funnel][::-1], color="#3a7", label="out")
+    ax.legend()
+    ax.set_title("dataset funnel")
+    fig.tight_layout()
+    fig.savefig(out_funnel, dpi=100)
+    plt.close(fig)
+    per_query = stats.get("counters", {}).get("per_query_kept", {})
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.hist(list(per_query.values()) or [0], bins=20)
+    ax.set_title(f"pairs per query ({len(per_query)} queries)")
+    ax.set_xlabel("pairs kept")
+    fig.tight_layout()
+    fig.savefig(out_queries, dpi=100)
+    plt.close(fig)
+    return funnel
+
+
+def run(args: argparse.Namespace) -> dict:
+    size = SMALL if args.small else FULL
+    run_dir = Path(args.run_dir).resolve()
+    data = run_dir / "data"
+    corpus = write_corpus(
+        data / "corpus",
+        CorpusParams(
+            images_per_concept=size["images_per_concept"], heldout_per_concept=size["heldout_per_concept"]
+        ),
+    )
+    cluster = None
+    timings: dict[str, float] = {}
+    with serve(corpus.www) as base_url:
+        corpus.write_wat(base_url)  # the port changes from run to run
+        if args.address:
+            address = args.address
+        else:
+            cluster = LocalRayCluster(num_cpus=args.num_cpus).start()
+            address = cluster.dashboard_url
+        print(f"demo: corpus served at {base_url}; Ray job API at {address}", flush=True)
+        try:
+            t = time.time()
+            run_job(address, ["python", "-m", "pipelines.wit.queries", f"output={data / 'queries'}",
+                              f"wikipedia=[{corpus.wiki_dump}]", f"pageviews=[{corpus.pageviews}]",
+                              f"wordnet=[{corpus.wordnet}]", "min_word_count=5", "min_bigram_count=3",
+                              "min_page_views=100", "num_partitions=4"], ROOT)  # fmt: skip
+            # The WAT files name this run's port: curate again, then the crawl resumes from its shards.
+            shutil.rmtree(data / "curated", ignore_errors=True)
+            run_job(address, ["python", "jobs/build_wit.py", f"output={data / 'shards'}", "formats=[webdataset]",
+                              f"curation.inputs=[{corpus.wat_dir}]", f"curation.queries={data / 'queries'}",
+                              f"curation.output={data / 'curated'}", "curation.max_per_query=200",
+                              "curation.num_buckets=2", "crawl.fetch.allowed_networks=[127.0.0.0/8]",
+                              "crawl.num_workers=1", "crawl.num_cpus_per_worker=0.5", "crawl.samples_per_shard=64",
+                              "crawl.image.image_size=64", "crawl.image.min_size=32"], ROOT)  # fmt: skip
+            timings["build_s"] = time.time() - t
+            stats = json.loads((data / "shards" / "_stats.json").read_text())
+
+            merges = data / "merges.txt.gz"
+            train_tokenizer(shard_captions(data / "shards"), merges, vocab_size=800)
+            train_dir = run_dir / "train"
+            shutil.rmtree(train_dir, ignore_errors=True)
+            t = time.time()
+            run_job(address, ["python", "jobs/train_clip.py", "--config", "configs/train_tiny.yaml",
+                              f"data_uri={data / 'shards'}", f"tokenizer_merges={merges}",
+                              f"storage_path={run_dir}", "name=train", f"epochs={size['epochs']}",
+                              "checkpoint_every=0", "max_failures=0"], ROOT)  # fmt: skip
+            timings["train_s"] = time.time() - t
+            checkpoint = sorted(p for p in train_dir.glob("checkpoint_*") if p.is_dir())[-1]
+
+            eval_dir = run_dir / "eval"
+            run_job(address, ["python", "jobs/eval_clip.py", f"checkpoint={checkpoint}", f"tokenizer={merges}",
+                              f"output_dir={eval_dir}", f"zero_shot.data={corpus.heldout_images}",
+                              f"retrieval.data={corpus.heldout_captions}"], ROOT)  # fmt: skip
+        finally:
+            if cluster is not None:
+                cluster.stop()
+
+    funnel = plot_funnel(stats, run_dir / "funnel.png", run_dir / "per_query.png")
+    training = plot_training(train_dir / "metrics.csv", run_dir / "training_curve.png")
+    results = json.loads((eval_dir / "results.json").read_text())
+    summary = {"funnel": funnel, "totals": stats.get("totals", {}), "timings": timings,
+               "training": training, "results": results, "classes": len(corpus.class_names)}  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def print_summary(summary: dict, run_dir: str) -> None:
+    print("\n=== dataset funnel ===")
+    for name, n_in, n_out in summary["funnel"]:
+        print(f"  {name:<24} {n_in:>6} -> {n_out:>6}")
+    last = summary["training"]["last"]
+    print("\n=== training ===")
+    print(f"  {summary['training']['steps']} steps in {summary['timings']['train_s']:.0f} s (job), "
+          f"{float(last.get('samples_per_s', 0)):.1f} samples/s, final loss {float(last.get('loss', 0)):.3f}")  # fmt: skip
+    zs = summary["results"].get("zero_shot", {})
+    chance = 1.0 / summary["classes"]
+    print("\n=== zero-shot on held-out images ===")
+    print(
+        f"  top-1 {zs.get('top1', float('nan')):.1%} over {summary['classes']} classes (chance {chance:.1%})"
+    )
+    print(f"\nplots and report: {run_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", default=str(ROOT / "runs" / "demo"))
+    parser.add_argument("--address", default=None, help="job API of a running cluster (default: start one)")
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the private head")
+    parser.add_argument("--small", action="store_true", help="a reduced corpus and training (smoke test)")
+    args = parser.parse_args(argv)
+    summary = run(args)
+    print_summary(summary, args.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
