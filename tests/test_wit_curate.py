@@ -107,6 +107,7 @@ def test_curation_end_to_end(ray_local, tmp_path):
     )
     stats = curate(cfg)
     out = pq.read_table(tmp_path / "out").to_pandas()
+    assert list(out.columns) == ["url", "caption", "page_url", "source", "matched_queries", "query"]
     assert out["url"].is_unique
     counts = out["query"].value_counts()
     assert counts["dog"] == 50  # 200 dog captions capped exactly

@@ -210,6 +210,26 @@ def _counts_table(counts: Counter) -> pa.Table:
     return pa.table({"key": list(counts.keys()), "count": pa.array(list(counts.values()), pa.int64())})
 
 
+def _select_kind(batch: pa.Table, bigrams: bool) -> pa.Table:
+    is_bigram = pc.match_substring(batch.column("key"), " ")
+    return batch.filter(is_bigram if bigrams else pc.invert(is_bigram))
+
+
+class BigramPMI:
+    """Ray Data UDF over aggregated bigram counts: keeps (query, score=PMI) rows above the thresholds."""
+
+    def __init__(self, unigram_counts: Any, total_words: int, min_count: int, min_pmi: float):
+        import ray
+
+        self.unigrams = (
+            ray.get(unigram_counts) if isinstance(unigram_counts, ray.ObjectRef) else unigram_counts
+        )
+        self.total_words, self.min_count, self.min_pmi = total_words, min_count, min_pmi
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        return bigram_pmi(batch, self.unigrams, self.total_words, self.min_count, self.min_pmi)
+
+
 def _unigram_total(batch: pa.Table) -> pa.Table:
     is_word = pc.invert(pc.match_substring(batch.column("key"), " "))
     return pa.table({"total": [pc.sum(pc.filter(batch.column("count"), is_word)).as_py() or 0]})
@@ -420,19 +440,33 @@ def _build_query_list(cfg: QueryConfig) -> pd.DataFrame:
             .rename_columns({"sum(count)": "count"})
             .materialize()
         )
+        # Only thresholded rows reach the driver: unigrams frequent enough to be in a kept bigram
+        # (count >= min(min_word_count, min_bigram_count), ~1M words for all of Wikipedia) and the bigrams
+        # that pass the PMI test, which is computed in parallel on the workers.
         keep_min = min(cfg.min_word_count, cfg.min_bigram_count)
-        frequent = counts.filter(expr=f"count >= {int(keep_min)}").to_pandas()
-        is_bigram = frequent["key"].str.contains(" ", regex=False)
-        unigrams = frequent[~is_bigram]
-        total_words = int(counts.filter(lambda r: " " not in r["key"]).sum("count") or 0)
+        unigrams = (
+            counts.filter(expr=f"count >= {int(keep_min)}")
+            .map_batches(_select_kind, fn_kwargs={"bigrams": False}, batch_format="pyarrow")
+            .to_pandas()
+        )
+        total_words = int(counts.map_batches(_unigram_total, batch_format="pyarrow").sum("total") or 0)
         words = unigrams[unigrams["count"] >= cfg.min_word_count]
         candidates.append(pd.DataFrame({"query": words["key"], "source": "unigram", "score": words["count"]}))
-        pmi = bigram_pmi(
-            frequent[is_bigram],
-            dict(zip(unigrams["key"], unigrams["count"])),
-            total_words,
-            cfg.min_bigram_count,
-            cfg.min_bigram_pmi,
+        pmi = (
+            counts.filter(expr=f"count >= {int(cfg.min_bigram_count)}")
+            .map_batches(_select_kind, fn_kwargs={"bigrams": True}, batch_format="pyarrow")
+            .map_batches(
+                BigramPMI,
+                fn_constructor_kwargs={
+                    "unigram_counts": ray.put(dict(zip(unigrams["key"], unigrams["count"]))),
+                    "total_words": total_words,
+                    "min_count": cfg.min_bigram_count,
+                    "min_pmi": cfg.min_bigram_pmi,
+                },
+                batch_format="pandas",
+                concurrency=1,
+            )
+            .to_pandas()
         )
         candidates.append(pmi.assign(source="bigram"))
         funnel.add_counts(
