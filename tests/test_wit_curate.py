@@ -7,7 +7,9 @@ import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from pipelines.config import ConfigError, load_config
 from pipelines.wit.candidates import ColumnNames
 from pipelines.wit.curate import CurationConfig, curate
 from pipelines.wit.filters import FilterConfig
@@ -22,6 +24,14 @@ from pipelines.wit.formats import (
 from pipelines.wit.queries import QueryConfig, build_query_list
 
 ANIMALS = ["dog", "cat", "horse", "zebra"]
+
+
+def test_configs_load_from_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("inputs: [a.wat.gz]\ncolumns: {url: image}\nfilters: {min_words: 3}\n")
+    cfg = load_config(CurationConfig, tmp_path / "c.yaml", ["max_per_query=7"])
+    assert (cfg.columns.url, cfg.filters.min_words, cfg.max_per_query) == ("image", 3, 7)
+    with pytest.raises(ConfigError, match="min_word"):
+        load_config(QueryConfig, overrides=["min_word=5"])
 
 
 def test_query_job_on_ray(ray_local, tmp_path):
@@ -123,3 +133,17 @@ def test_curation_end_to_end(ray_local, tmp_path):
     assert stats["counters"]["query_counts_before"]["dog"] == 200
     assert stats["counters"]["query_counts_after"]["dog"] == 50
     assert json.loads((tmp_path / "out" / "_stats.json").read_text())["num_curated"] == len(out)
+
+    # Nothing survives: an empty table with the output schema, and a consistent funnel.
+    (tmp_path / "other").mkdir()
+    pq.write_table(
+        pa.table({"image": ["https://x.org/a.jpg"], "alt": ["Le chat noir dort sur le canapé"]}),
+        tmp_path / "other" / "t.parquet",
+    )
+    empty = curate(
+        CurationConfig(
+            **{**cfg.__dict__, "inputs": [str(tmp_path / "other")], "output": str(tmp_path / "empty")}
+        )
+    )
+    assert empty["num_curated"] == 0 and empty["stages"]["text_filter"]["dropped"] == {"not_english": 1}
+    assert pq.read_table(tmp_path / "empty").schema.names == list(out.columns)

@@ -35,11 +35,15 @@ import pyarrow as pa
 from pipelines import storage
 from pipelines.stats import Funnel, get_or_create_stats_actor, write_stats
 from pipelines.wit.balance import assign_query, cap_per_query, query_counts
-from pipelines.wit.candidates import TABLE_SUFFIXES, WAT_SUFFIXES, ColumnNames, ReadCandidates
+from pipelines.wit.candidates import SCHEMA, TABLE_SUFFIXES, WAT_SUFFIXES, ColumnNames, ReadCandidates
 from pipelines.wit.filters import FilterConfig, TextFilter, dedupe
 from pipelines.wit.io import expand_inputs
 from pipelines.wit.matching import QueryMatcher
 from pipelines.wit.queries import load_queries
+
+OUTPUT_SCHEMA = pa.schema(
+    [*SCHEMA, pa.field("matched_queries", pa.list_(pa.string())), pa.field("query", pa.string())]
+)
 
 
 @dataclass
@@ -211,6 +215,11 @@ def _curate(cfg: CurationConfig) -> dict[str, Any]:
     storage.makedirs(cfg.output)
     if deduped.count():
         balanced.write_parquet(cfg.output)
+    else:  # nothing survived: still leave a readable (empty) table with the output schema
+        import pyarrow.parquet as pq
+
+        fs, path = storage.resolve(storage.join(cfg.output, "part-empty.parquet"))
+        pq.write_table(OUTPUT_SCHEMA.empty_table(), path, filesystem=fs)
 
     funnel = Funnel.from_dict(ray.get(actor.snapshot.remote()))
     funnel.check()
