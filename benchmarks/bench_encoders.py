@@ -148,11 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    baseline_mib = PeakRSS._status_kib("VmRSS") / 1024
     rows = []
     for name in args.models:
         rows += bench_model(name, args.batch_size, args.warmup, args.iters)
         print(f"done: {name}", flush=True)
     print(format_table(rows))
+    print(f"process RSS before the first row (Python, torch, clip_model imported): {baseline_mib:.0f} MiB")
 
 
 if __name__ == "__main__":
