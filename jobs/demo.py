@@ -46,7 +46,7 @@ def shard_captions(shard_dir: Path) -> list[str]:
 
     captions = []
     for tar in sorted(shard_dir.glob("*.tar")):
-        captions += [s["txt"] for s in shards.read_tar_samples(str(tar))]
+        captions += [s["txt"] for s in shards.read_tar_samples(tar.read_bytes())]
     return captions
 
 
