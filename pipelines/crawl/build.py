@@ -27,7 +27,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from pipelines import shards, storage
@@ -89,10 +88,14 @@ def _num_rows(table: pa.Table) -> int:
 
 
 @ray.remote(num_cpus=0)
-def _add_ordinals(table: pa.Table, offset: int, samples_per_shard: int) -> pa.Table:
+def _shard_slice(
+    table: pa.Table, start: int, length: int, first_ordinal: int, samples_per_shard: int
+) -> pa.Table:
+    """Rows [start, start + length) of an input block, numbered from `first_ordinal`: one shard's rows."""
+    table = table.slice(start, length)
     table = table.drop_columns([c for c in INTERNAL_COLUMNS if c in table.column_names])
-    ordinal = pa.array(range(offset, offset + table.num_rows), type=pa.int64())
-    group = pc.divide(ordinal, pa.scalar(samples_per_shard, pa.int64()))
+    ordinal = pa.array(range(first_ordinal, first_ordinal + table.num_rows), type=pa.int64())
+    group = pa.array([first_ordinal // samples_per_shard] * table.num_rows, type=pa.int64())
     return table.append_column("ordinal", ordinal).append_column("group", group)
 
 
@@ -109,15 +112,25 @@ def read_url_table(uri: str) -> ray.data.Dataset:
     return ray.data.read_parquet(uri)
 
 
-def with_ordinals(ds: ray.data.Dataset, samples_per_shard: int) -> tuple[ray.data.Dataset, int]:
-    """Numbers the rows in input order (needs `preserve_order`); returns the dataset and its size."""
+def shard_slices(
+    ds: ray.data.Dataset, samples_per_shard: int, skip_groups: set[int]
+) -> tuple[ray.data.Dataset | None, int]:
+    """Numbers the rows in input order (needs `preserve_order`) and cuts them into one block per shard
+    (so each shard's results stream out as soon as it is crawled), leaving out `skip_groups`.
+    Returns the dataset (None if nothing is left) and the number of input rows."""
     refs = ds.to_arrow_refs()
     counts = ray.get([_num_rows.remote(r) for r in refs])
-    offsets = [sum(counts[:i]) for i in range(len(counts))]
-    numbered = [_add_ordinals.remote(r, o, samples_per_shard) for r, o, n in zip(refs, offsets, counts) if n]
-    if not numbered:
-        return ray.data.from_arrow(pa.table({"url": pa.array([], pa.string())})), 0
-    return ray.data.from_arrow_refs(numbered), sum(counts)
+    slices, offset = [], 0
+    for ref, n in zip(refs, counts):
+        start = 0
+        while start < n:
+            ordinal = offset + start
+            length = min(n - start, samples_per_shard - ordinal % samples_per_shard)
+            if ordinal // samples_per_shard not in skip_groups:
+                slices.append(_shard_slice.remote(ref, start, length, ordinal, samples_per_shard))
+            start += length
+        offset += n
+    return (ray.data.from_arrow_refs(slices) if slices else None), offset
 
 
 def _check_columns(ds: ray.data.Dataset) -> None:
@@ -236,11 +249,11 @@ class ShardAssembler:
         for row in table.to_pylist():
             group = int(row["group"])
             if self.current is not None and group != self.current:
-                if group < self.current:
-                    raise RuntimeError("crawl output is out of input order (preserve_order is off?)")
-                self._finish_group()
+                raise RuntimeError(f"shard {self.current} is incomplete when rows of shard {group} arrive")
             self.current = group
             self.rows.append(row)
+            if len(self.rows) == self.layout.group_size(group):
+                self._finish_group()
 
     def close(self) -> None:
         if self.rows:
@@ -256,7 +269,7 @@ class ShardAssembler:
 
     def _finish_group(self) -> None:
         group, rows = self.current, sorted(self.rows, key=lambda r: r["ordinal"])
-        self.rows = []
+        self.rows, self.current = [], None
         expected = self.layout.group_size(group)
         if len(rows) != expected:
             raise RuntimeError(f"shard {group}: got {len(rows)} rows, expected {expected}")
@@ -340,29 +353,18 @@ def build_crawl(
     ctx.execution_options.preserve_order = True
     ds = read_url_table(source) if isinstance(source, str) else source
     _check_columns(ds)
-    ds, num_input = with_ordinals(ds, cfg.samples_per_shard)
-    layout = Layout(num_input, cfg.samples_per_shard)
     storage.makedirs(out_uri)
     committed = {
         name: m for name, m in shards.committed_shards(out_uri).items() if "funnel" in m.get("stats", {})
     }
-    done_groups = sorted(int(n) for n in committed)
-    todo_groups = layout.num_shards - len(done_groups)
+    todo, num_input = shard_slices(ds, cfg.samples_per_shard, {int(n) for n in committed})
+    layout = Layout(num_input, cfg.samples_per_shard)
     log.info(
-        "crawl: %d input rows, %d shards, %d already committed",
-        num_input,
-        layout.num_shards,
-        len(done_groups),
+        "crawl: %d input rows, %d shards, %d already committed", num_input, layout.num_shards, len(committed)
     )
     assembler = ShardAssembler(cfg, out_uri, layout, committed, formats)
-    if todo_groups > 0:
-        if done_groups:
-            skip = pa.array(done_groups, pa.int64())
-            ds = ds.map_batches(
-                lambda t: t.filter(pc.invert(pc.is_in(t["group"], value_set=skip))), batch_format="pyarrow"
-            )
-        crawled = crawl_stage_dataset(ds, cfg)
-        for batch in iter_crawled(crawled):
+    if todo is not None:
+        for batch in iter_crawled(crawl_stage_dataset(todo, cfg)):
             assembler.add_batch(batch)
     assembler.close()
     return write_build_stats(out_uri, layout, cfg, started, assembler)
