@@ -12,12 +12,16 @@ size estimate). Target: >= 20,000 captions/s/core end to end with the full query
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import resource
 import string
+import sys
 import time
 
 import pyarrow as pa
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines.wit.filters import FilterConfig, TextFilter
 from pipelines.wit.matching import QueryMatcher
