@@ -102,6 +102,18 @@ def test_wordnet_reader(tmp_path):
     offset = int((tmp_path / "index.noun").read_text().split("dog n 1 0 1 0 ")[1][:8])
     assert data[offset:].startswith(f"{offset:08d} 03 n 03 dog".encode())  # real byte offsets
     assert sorted(read_wordnet_lemmas([str(tmp_path)])) == ["Canis familiaris", "dog", "domestic dog", "red"]
+    for data_file in tmp_path.glob("data.*"):
+        data_file.unlink()
+    with open(tmp_path / "index.noun", "a") as f:
+        f.write("broken line\n")
+    errors = Counter()
+    assert sorted(read_wordnet_lemmas([str(tmp_path)], errors)) == [
+        "canis familiaris",
+        "dog",
+        "domestic dog",
+        "red",
+    ]
+    assert errors == {"malformed_line": 1}
 
 
 def test_pmi_and_assembly_priority():
