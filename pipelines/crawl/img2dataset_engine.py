@@ -45,7 +45,8 @@ def map_error(status: str | None, message: str | None) -> str:
     message = message or ""
     low = message.lower()
     if m := re.search(r"HTTP Error (\d{3})", message):
-        return f"http_{m.group(1)}"
+        # urllib reports a redirect loop as "HTTP Error 302: ... infinite loop"
+        return "too_many_redirects" if m.group(1).startswith("30") else f"http_{m.group(1)}"
     if "x-robots-tag" in low:
         return "robots_opt_out"
     if "image too small" in low:
