@@ -18,7 +18,15 @@ from clip_model.zero_shot import build_zero_shot_classifier, predict
 from pipelines.shards import write_dataset
 from pipelines.synthetic import Concept, generate, synthetic_shard_samples, to_jpeg
 from pipelines.train.config import TrainConfig
-from pipelines.train.ingest import CORRUPT_IMAGE, MISSING_CAPTION, OK, EpochStream, PrepareBatch, key_hash
+from pipelines.train.ingest import (
+    CORRUPT_IMAGE,
+    MISSING_CAPTION,
+    OK,
+    EpochStream,
+    PrepareBatch,
+    build_dataset,
+    key_hash,
+)
 from pipelines.train.trainer import train
 
 COLOURS = ("red", "green", "blue", "yellow")
@@ -82,6 +90,23 @@ def test_epoch_stream_rebatches_skips_consumed_and_counts_bad():
     assert sorted(stream.bad_hashes) == [2, 6]
     stream.drain()
     assert stream.leftover == 0
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
+def test_ingest_reads_shards_from_s3(ray_local, s3_server, merges, fmt):
+    path, tok = merges
+    uri = s3_server.make_bucket("train-ingest") + f"/{fmt}"
+    samples = list(synthetic_shard_samples(20, seed=2, size=SIZE, concepts=CONCEPTS))
+    samples[3]["jpg"] = b"garbage"
+    write_dataset(samples, uri, 8, formats=(fmt,))
+    cfg = TrainConfig(data_uri=uri, data_format=fmt, tokenizer_merges=path, decode_cpus=0.5)
+    rows = build_dataset(cfg, SIZE).take_all()
+    assert len(rows) == 20 and all(set(r) == {"image", "tokens", "key_hash", "status"} for r in rows)
+    status = {int(r["key_hash"]): int(r["status"]) for r in rows}
+    assert status[key_hash(samples[3]["key"])] == CORRUPT_IMAGE
+    assert sum(v == OK for v in status.values()) == 19
+    good = next(r for r in rows if int(r["key_hash"]) == key_hash(samples[0]["key"]))
+    assert torch.equal(torch.tensor(good["tokens"]), tok(samples[0]["txt"])[0])
 
 
 # ---------- a real run on Ray ----------

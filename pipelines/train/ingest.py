@@ -112,6 +112,8 @@ def read_shards(data_uri: str, data_format: str, seed: int):
 
 def build_dataset(cfg, image_size: int, context_length: int = 77):
     """The training dataset of a TrainConfig: shards -> PrepareBatch (numbers only)."""
+    import ray.data
+
     if not cfg.tokenizer_merges:
         raise ValueError(
             "tokenizer_merges is required: the OpenAI-layout merges file the model's vocab comes from"
@@ -125,7 +127,7 @@ def build_dataset(cfg, image_size: int, context_length: int = 77):
         },
         batch_size=cfg.decode_batch_size,
         batch_format="numpy",
-        concurrency=cfg.decode_workers,
+        compute=ray.data.ActorPoolStrategy(size=cfg.decode_workers),
         num_cpus=cfg.decode_cpus,
     )
 
