@@ -33,12 +33,14 @@ FULL = {"images_per_concept": 24, "heldout_per_concept": 6, "epochs": 12}
 SMALL = {"images_per_concept": 6, "heldout_per_concept": 2, "epochs": 2}
 
 
-def train_tokenizer(captions: list[str], out: Path, vocab_size: int) -> None:
+def train_tokenizer(captions: list[str], out: Path, vocab_size: int) -> int:
+    """BPE on the dataset's captions; returns the vocabulary size reached (a small corpus stops early)."""
     from clip_model import Tokenizer
 
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         Tokenizer.train(captions, vocab_size, out)
+    return Tokenizer(str(out)).vocab_size
 
 
 def shard_captions(shard_dir: Path) -> list[str]:
@@ -137,12 +139,13 @@ def run(args: argparse.Namespace) -> dict:
             stats = json.loads((data / "shards" / "_stats.json").read_text())
 
             merges = data / "merges.txt.gz"
-            train_tokenizer(shard_captions(data / "shards"), merges, vocab_size=800)
+            vocab = train_tokenizer(shard_captions(data / "shards"), merges, vocab_size=800)
             train_dir = run_dir / "train"
             shutil.rmtree(train_dir, ignore_errors=True)
             t = time.time()
             run_job(address, ["python", "jobs/train_clip.py", "--config", "configs/train_tiny.yaml",
                               f"data_uri={data / 'shards'}", f"tokenizer_merges={merges}",
+                              f"model_overrides={{image_resolution: 32, vocab_size: {vocab}}}",
                               f"storage_path={run_dir}", "name=train", f"epochs={size['epochs']}",
                               "checkpoint_every=0", "max_failures=0"], ROOT)  # fmt: skip
             timings["train_s"] = time.time() - t
