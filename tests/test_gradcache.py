@@ -42,6 +42,16 @@ def test_gradcache_equals_one_big_step(accum_steps):
     assert not torch.allclose(plain.clip.logit_scale.grad, big.clip.logit_scale.grad, rtol=1e-3)
 
 
+def test_gradient_checkpointing_and_cache_together_match_one_big_step():
+    big, cached = _model(), _model()
+    cached.clip.set_grad_checkpointing(True)
+    images, tokens = _batch()
+    forward_backward(big, images, tokens)
+    forward_backward(cached, images, tokens, accum_steps=2)
+    for (name, p_big), p_cached in zip(big.named_parameters(), cached.parameters()):
+        torch.testing.assert_close(p_cached.grad, p_big.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_non_finite_loss_is_not_backpropagated():
     model = _model()
     images, tokens = _batch()
@@ -73,3 +83,20 @@ def test_warmup_then_cosine():
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0, abs=1e-12)
     assert all(f(s) >= f(s + 1) for s in range(10, 120))
     assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_precision_settings_on_cpu():
+    from pipelines.train.loop import amp_settings
+
+    cpu = torch.device("cpu")
+    autocast, scaler = amp_settings("fp16", cpu)  # no GPU: fp32, no loss scaling
+    assert not scaler.is_enabled()
+    with autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    autocast, scaler = amp_settings("bf16", cpu)
+    model = _model()
+    images, tokens = _batch(4)
+    loss, finite = forward_backward(
+        model, images, tokens, accum_steps=2, autocast=autocast, scale_loss=scaler.scale
+    )
+    assert finite and all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -296,7 +296,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f"epoch {epoch} produced no full global batch of {cfg.batch_size} x {world} rows: "
                 "the dataset is smaller than one batch (or every row was bad)"
             )
-        stream.drain(unused=0 if batch is None else len(batch[0]))
+        # On exhaustion this rank may hold a batch that other ranks could not match: it was not trained.
+        stream.drain(unused=len(batch[0]) if exhausted and batch is not None else 0)
         leftover = sum(_gather(stream.leftover))
 
         def summary(data: DataPosition, epoch=epoch, leftover=leftover, step=step) -> dict:
