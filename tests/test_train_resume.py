@@ -104,3 +104,14 @@ def test_unknown_config_key_is_an_error_naming_it():
     assert load_config(TrainConfig, overrides=["model=RN50"]).adam_betas_eps() == ((0.9, 0.999), 1e-8)
     with pytest.raises(ValueError, match="accum_steps"):
         TrainConfig(batch_size=10, accum_steps=3)
+
+
+def test_job_entry_rejects_unknown_key(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_clip", os.path.join(ROOT, "jobs", "train_clip.py"))
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    with pytest.raises(SystemExit) as exit_info:
+        job.main(["--config", os.path.join(ROOT, "configs", "train_tiny.yaml"), "lr_max=3"])
+    assert exit_info.value.code != 0 and "lr_max" in capsys.readouterr().err
