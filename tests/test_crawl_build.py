@@ -28,10 +28,8 @@ def crawl_config(**overrides) -> CrawlConfig:
         backoff_base_s=0.05, max_body_bytes=200_000, per_host_rate=1000, per_host_concurrency=16,
     )  # fmt: skip
     image = ImageConfig(image_size=64, min_size=32, max_aspect_ratio=4)
-    return CrawlConfig(
-        fetch=fetch, image=image, samples_per_shard=SAMPLES_PER_SHARD, batch_size=8, num_workers=1,
-        num_cpus_per_worker=0.5, **overrides,
-    )  # fmt: skip
+    args = dict(samples_per_shard=SAMPLES_PER_SHARD, batch_size=8, num_workers=1, num_cpus_per_worker=0.5)
+    return CrawlConfig(fetch=fetch, image=image, **{**args, **overrides})
 
 
 def write_url_table(site, path) -> str:
@@ -114,3 +112,20 @@ def test_wit_config_and_custom_resources_are_declared(tmp_path):
 
     with pytest.raises(ConfigError, match="per_host_rat"):
         load_config(BuildWITConfig, None, ["crawl.fetch.per_host_rat=2"])
+
+
+def test_demo_config_loads():
+    cfg = load_config(BuildWITConfig, str(Path(__file__).resolve().parents[1] / "configs/wit_demo.yaml"))
+    assert cfg.crawl.crawler == "ray" and cfg.output and cfg.curation.output
+
+
+def test_crawl_stage_declares_resources(ray_local):
+    import ray
+
+    from pipelines.crawl.build import crawl_stage_dataset
+
+    ds = crawl_stage_dataset(
+        ray.data.from_items([{"url": "x", "caption": "y"}]),
+        crawl_config(worker_resources={"crawl": 1}, num_cpus_per_worker=0.25),
+    )
+    assert ds._logical_plan.dag.ray_remote_args == {"num_cpus": 0.25, "resources": {"crawl": 1}}

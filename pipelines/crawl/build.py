@@ -311,7 +311,7 @@ def crawl_stage_dataset(ds: ray.data.Dataset, cfg: CrawlConfig) -> ray.data.Data
     """Adds the crawl stage (ours or img2dataset's) with its declared resources."""
     common: dict[str, Any] = {
         "batch_format": "pyarrow",
-        "concurrency": cfg.num_workers,
+        "compute": ray.data.ActorPoolStrategy(size=cfg.num_workers),
         "num_cpus": cfg.num_cpus_per_worker,
     }
     if cfg.worker_resources:
