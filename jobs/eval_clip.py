@@ -57,8 +57,10 @@ class Evaluator:
         if needs_ray(eval_set, self.cfg.embed):
             import ray
 
+            from pipelines.ray_connect import connect
+
             if not ray.is_initialized():
-                ray.init(address=self.cfg.ray_address or None, log_to_driver=False)
+                connect(self.cfg.ray_address or None, log_to_driver=False)
             # Actors load the weights themselves; the tokenizer travels as its merges path.
             source, tok = self.cfg.checkpoint, self.merges
         else:

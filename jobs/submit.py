@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -25,15 +24,15 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python jobs/submit.py` from anywhere
+
+from pipelines.ray_connect import ClusterUnreachable, check_port  # noqa: E402
+
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # gitignore-style patterns, relative to the working dir.
 WORKING_DIR_EXCLUDES = [
     ".git", ".venv", ".venv-*", "runs", "**/__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info",
 ]  # fmt: skip
-
-
-class ClusterUnreachable(ConnectionError):
-    """Nothing answers at the job-submission address."""
 
 
 class JobFailed(RuntimeError):
@@ -61,10 +60,8 @@ def check_reachable(address: str, timeout: float = 5.0) -> str:
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+    reason = check_port(host, port, timeout)
+    if reason is not None:
         raise ClusterUnreachable(
             f"No Ray cluster at {url}: nothing listens on {host}:{port} ({reason}). Start one with "
             "`ray start --head` (job API on port 8265), or for cluster/aws.yaml open the tunnel with "

@@ -16,9 +16,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `python jobs/train_clip.py` from anywhere
 
-import ray  # noqa: E402
-
 from pipelines.config import parse_args  # noqa: E402
+from pipelines.ray_connect import connect  # noqa: E402
 from pipelines.train.config import TrainConfig  # noqa: E402
 from pipelines.train.trainer import train  # noqa: E402
 
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Workers import clip_model/pipelines from this checkout (ray job submit ships it as the working dir).
     pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    connect(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     result = train(cfg)
     if result.error is not None:
         print(f"training failed: {result.error}", file=sys.stderr)

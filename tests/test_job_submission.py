@@ -65,10 +65,19 @@ def test_build_and_train_jobs_run_through_job_submission(ray_head, http_server, 
     assert stats["totals"]["kept"] == 16 and stats["totals"]["dropped"] == {"http_404": 1}
     assert sum(1 for s in shards.committed_shards(str(out))) == 3
 
+    # The model's vocabulary is a BPE trained on the crawled captions (as the demo does).
+    from clip_model import Tokenizer
+
+    captions = [
+        s["txt"] for tar in sorted(out.glob("*.tar")) for s in shards.read_tar_samples(tar.read_bytes())
+    ]
+    merges = tmp_path / "merges.txt.gz"
+    vocab = Tokenizer.train(captions, 600, merges).vocab_size
     logs = run_job(
         ray_head.dashboard_url,
         ["python", "jobs/train_clip.py", "--config", "configs/train_tiny.yaml", f"data_uri={out}",
-         "tokenizer_merges=null", "model_overrides={image_resolution: 32}", f"storage_path={tmp_path}",
+         f"tokenizer_merges={merges}", f"model_overrides={{image_resolution: 32, vocab_size: {vocab}}}",
+         f"storage_path={tmp_path}",
          "name=jobsub", "epochs=1", "batch_size=4", "checkpoint_every=0", "max_failures=0", "log_every=1"],
         ROOT, timeout=300, out=None,
     )  # fmt: skip
