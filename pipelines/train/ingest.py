@@ -80,7 +80,7 @@ class PrepareBatch:
         }
 
 
-def read_shards(data_uri: str, data_format: str, seed: int):
+def read_shards(data_uri: str, data_format: str, seed: int, num_cpus: float = 1.0):
     """A Ray Dataset with columns key, jpg, txt; the file order is reshuffled on every execution (epoch)."""
     import ray.data
     from ray.data import FileShuffleConfig
@@ -91,7 +91,12 @@ def read_shards(data_uri: str, data_format: str, seed: int):
     shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
     if data_format == "webdataset":
         ds = ray.data.read_webdataset(
-            path, filesystem=filesystem, file_extensions=["tar"], decoder=None, shuffle=shuffle
+            path,
+            filesystem=filesystem,
+            file_extensions=["tar"],
+            decoder=None,
+            shuffle=shuffle,
+            num_cpus=num_cpus,
         )
 
         def select(batch):
@@ -102,10 +107,10 @@ def read_shards(data_uri: str, data_format: str, seed: int):
                 "txt": batch.get("txt", [None] * n),
             }
 
-        return ds.map_batches(select, batch_format="numpy")
+        return ds.map_batches(select, batch_format="numpy", num_cpus=num_cpus)  # fuses with the read
     if data_format == "parquet":
         return ray.data.read_parquet(
-            path, filesystem=filesystem, columns=["key", "jpg", "txt"], shuffle=shuffle
+            path, filesystem=filesystem, columns=["key", "jpg", "txt"], shuffle=shuffle, num_cpus=num_cpus
         )
     raise ValueError(f"unknown data_format {data_format!r}: use 'webdataset' or 'parquet'")
 
@@ -118,7 +123,7 @@ def build_dataset(cfg, image_size: int, context_length: int = 77):
         raise ValueError(
             "tokenizer_merges is required: the OpenAI-layout merges file the model's vocab comes from"
         )
-    return read_shards(cfg.data_uri, cfg.data_format, cfg.seed).map_batches(
+    return read_shards(cfg.data_uri, cfg.data_format, cfg.seed, cfg.read_cpus).map_batches(
         PrepareBatch,
         fn_constructor_kwargs={
             "image_size": image_size,

@@ -180,6 +180,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             np.concatenate([position.bad_hashes] + [p[1] for p in parts]),
             dict(bad),
         )
+        trained_in_epoch = len(data.trained_hashes)
         if epoch_summary is not None:
             epochs_done.append(epoch_summary(data))
             data = DataPosition(position.epoch + 1)
@@ -213,7 +214,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 json.dump(dataclasses.asdict(model_config), f)
             with open(os.path.join(checkpoint_dir, METRICS_FILE), "w") as f:
                 f.write(_csv(metrics_rows))
-        report = {**metrics, "epochs_done": len(epochs_done), "data_trained": len(data.trained_hashes)}
+        report = {**metrics, "epochs_done": len(epochs_done), "epoch_trained": trained_in_epoch}
         if rank == 0:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
         else:
