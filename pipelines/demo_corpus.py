@@ -14,8 +14,12 @@ What is in it (every image rendered by pipelines/synthetic.py, so each one's con
   for the server's base URL because the port is only known once it listens.
 - `wiki/enwiki-demo-pages-articles.xml.bz2`, `wiki/pageviews-demo.gz`, `wiki/wordnet/`: a tiny Wikipedia
   dump, page-view file and WordNet database about shapes and colours, so the query list is built for real.
-- `heldout/images/<class>/`: new renders of every concept (zero-shot evaluation) and
-  `heldout/captions.jsonl` (retrieval), none of them on the web.
+- Held out, none of it on the web: new renders of every concept, filed per label set for zero-shot
+  evaluation: `heldout/seen/colour/<colour>/`, `heldout/seen/shape/<shape>/` (combinations the web shows),
+  `heldout/novel/colour/...`, `heldout/novel/shape/...` (the `novel_combos` colour-shape pairs that no page
+  shows, so no training caption names them together), `heldout/images/<colour shape>/` (all 48, for
+  information), with prompt templates per label set (`heldout/templates_<set>.txt`) and
+  `heldout/captions.jsonl` (retrieval).
 - `truth.json`: per image URL its concept, language and expected fate (kept, or why it should be dropped).
 
 Generation is deterministic for a seed and skipped when `truth.json` already matches the parameters.
@@ -59,6 +63,7 @@ class CorpusParams:
     duplicate_urls: float = 0.04  # share of images linked from a second page as well
     duplicate_bytes: float = 0.03  # share of images also served under a second URL
     broken_links: float = 0.04  # links to images that are not there, as a share of all images
+    novel_combos: int = 8  # colour-shape pairs kept off the web (one per colour), evaluated as unseen pairs
     seed: int = 0
 
 
@@ -97,8 +102,24 @@ class Corpus:
         return self.root / "heldout" / "captions.jsonl"
 
     @property
+    def heldout(self) -> Path:
+        return self.root / "heldout"
+
+    def label_set(self, split: str, attribute: str) -> Path:
+        """Image folder of held-out renders by `attribute` ("colour", "shape"); split "seen" or "novel"."""
+        return self.heldout / split / attribute
+
+    def templates(self, attribute: str) -> Path:
+        """Prompt templates for a label set ("colour", "shape", "combo")."""
+        return self.heldout / f"templates_{attribute}.txt"
+
+    @property
     def class_names(self) -> list[str]:
         return sorted({c.label for c in synthetic.CONCEPTS})
+
+    @property
+    def novel(self) -> list[synthetic.Concept]:
+        return novel_concepts(self.params.novel_combos)
 
     def truth(self) -> dict:
         return json.loads((self.root / "truth.json").read_text())
@@ -157,6 +178,24 @@ def _wiki_articles(rng: random.Random) -> list[tuple[str, str]]:
     return articles
 
 
+def novel_concepts(n: int) -> list[synthetic.Concept]:
+    """`n` colour-shape pairs, colour i with shape i mod 6: every colour and shape is still on the web."""
+    colours = list(synthetic.COLOURS)
+    return [synthetic.Concept(colours[i], synthetic.SHAPES[i % len(synthetic.SHAPES)]) for i in range(n)]
+
+
+# Caption-style prompts without an article ("a orange"): a class is the mean over the other attribute.
+_PROMPTS = ("simple picture: {}", "{} on a light background", "{}, clip art", "a photo of {}.")
+
+
+def _templates(attribute: str) -> list[str]:
+    if attribute == "colour":
+        return [p.format("{} " + shape) for shape in synthetic.SHAPES for p in _PROMPTS]
+    if attribute == "shape":
+        return [p.format(colour + " {}") for colour in synthetic.COLOURS for p in _PROMPTS]
+    return [p.format("{}") for p in _PROMPTS]
+
+
 def write_corpus(root: str | Path, params: CorpusParams | None = None) -> Corpus:
     """Writes (or reuses) the corpus under `root`; deterministic for `params`."""
     params = params or CorpusParams()
@@ -170,7 +209,8 @@ def write_corpus(root: str | Path, params: CorpusParams | None = None) -> Corpus
     rng = random.Random(params.seed)
     corpus.root.mkdir(parents=True, exist_ok=True)
     images: list[dict] = []  # every image on the web, with its fate
-    concepts = list(synthetic.CONCEPTS)
+    novel = set(novel_concepts(params.novel_combos))
+    concepts = [c for c in synthetic.CONCEPTS if c not in novel]
     samples = synthetic.generate(
         params.images_per_concept * len(concepts), seed=params.seed, size=params.image_size, concepts=concepts
     )
@@ -235,16 +275,27 @@ def write_corpus(root: str | Path, params: CorpusParams | None = None) -> Corpus
     synsets += [Synset("a", [c], f"of the colour {c}") for c in synthetic.COLOURS]
     write_wordnet(corpus.wordnet, synsets)
 
-    # Held out: new renders (other seed), never served.
+    # Held out: new renders (other seeds), never served; every concept the same number of times.
     captions = []
-    held = synthetic.generate(params.heldout_per_concept * len(concepts), seed=params.seed + 10_000,
-                              size=params.image_size, concepts=concepts)  # fmt: skip
-    for i, sample in enumerate(held):
-        folder = corpus.heldout_images / sample.label  # the folder name is the class name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{i:05d}.jpg").write_bytes(synthetic.to_jpeg(sample.image))
-        captions.append({"image": f"images/{folder.name}/{i:05d}.jpg", "captions": [sample.caption]})
+    for k, concept in enumerate(synthetic.CONCEPTS):
+        split = "novel" if concept in novel else "seen"
+        held = synthetic.generate(params.heldout_per_concept, seed=params.seed + 10_000 + k,
+                                  size=params.image_size, concepts=[concept])  # fmt: skip
+        for i, sample in enumerate(held):
+            name = f"{k:02d}{i:04d}.jpg"
+            folders = [corpus.heldout_images / sample.label]  # the folder name is the class name
+            folders += [
+                corpus.label_set(split, "colour") / concept.colour,
+                corpus.label_set(split, "shape") / concept.shape,
+            ]
+            jpg = synthetic.to_jpeg(sample.image)
+            for folder in folders:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / name).write_bytes(jpg)
+            captions.append({"image": f"images/{sample.label}/{name}", "captions": [sample.caption]})
     corpus.heldout_captions.write_text("".join(json.dumps(c) + "\n" for c in captions), encoding="utf-8")
+    for attribute in ("colour", "shape", "combo"):
+        corpus.templates(attribute).write_text("\n".join(_templates(attribute)) + "\n", encoding="utf-8")
 
     truth = {"params": asdict(params), "images": images, "pages": corpus.pages}
     truth_path.write_text(json.dumps(truth, indent=1), encoding="utf-8")

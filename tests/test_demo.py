@@ -28,6 +28,16 @@ def test_corpus_has_known_ground_truth_and_is_idempotent(tmp_path):
         assert page["images"][0]["src"] in body
     assert sorted(p.name for p in wat.iterdir()) == [f"site{i}.warc.wat.gz" for i in range(params.sites)]
     assert len(list(corpus.heldout_images.iterdir())) == len(corpus.class_names) == 48
+    # Novel pairs: never on the web, held out per label set; every colour and shape is still on the web.
+    novel = {c.label for c in corpus.novel}
+    assert len(novel) == 8 and novel.isdisjoint(im["label"] for im in truth["images"])
+    assert {im["label"].split()[0] for im in truth["images"]} == {c.colour for c in corpus.novel}
+    for split, attribute, n_classes in (("seen", "colour", 8), ("seen", "shape", 6), ("novel", "colour", 8)):
+        folders = list(corpus.label_set(split, attribute).iterdir())
+        assert len(folders) == n_classes and all(any(f.iterdir()) for f in folders)
+    n_novel = sum(1 for _ in corpus.label_set("novel", "colour").rglob("*.jpg"))
+    assert n_novel == 8 * params.heldout_per_concept
+    assert "{} circle" in corpus.templates("colour").read_text()
 
 
 def test_demo_runs_end_to_end_small(ray_head, tmp_path):
@@ -39,7 +49,17 @@ def test_demo_runs_end_to_end_small(ray_head, tmp_path):
     assert summary["totals"]["kept"] > 0
     for png in ("funnel.png", "per_query.png", "training_curve.png"):
         assert (run_dir / png).stat().st_size > 1000, png
-    assert (run_dir / "eval" / "results.json").exists()
-    top1 = summary["results"]["zero_shot"]["top1"]
-    assert top1 > 1.0 / summary["classes"]  # above chance even after a short training
+    zero_shot = summary["zero_shot"]
+    assert set(zero_shot) == {"colour_seen", "colour_novel", "shape_seen", "shape_novel", "combo_all"}
+    assert zero_shot["colour_seen"]["chance"] == 1 / 8 and zero_shot["combo_all"]["classes"] == 48
+    assert zero_shot["colour_seen"]["top1"] > 1 / 8  # colour is learned within a few dozen steps
+    assert (run_dir / "eval" / "combo_all" / "results.json").exists()
+    assert summary["retrieval"]["num_images"] == 48 * 3
+    assert [name for name, _, _ in summary["funnel"]][:5] == [
+        "read",
+        "text_filter",
+        "match",
+        "dedupe",
+        "balance",
+    ]
     assert Path(run_dir / "train" / "metrics.csv").exists()
