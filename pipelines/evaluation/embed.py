@@ -86,7 +86,8 @@ def load_tokenizer(merges: str | None, model=None):
         )
     if not Path(merges).is_file():
         raise EvalModelError(f"tokenizer merges file not found: {merges}")
-    tok = Tokenizer(merges)
+    # Token rows as long as the model's positional embedding (77 for OpenAI's models, less for tiny ones).
+    tok = Tokenizer(merges, context_length=getattr(getattr(model, "config", None), "context_length", 77))
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and tok.vocab_size != vocab:
         raise EvalModelError(
