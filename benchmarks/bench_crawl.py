@@ -1,7 +1,7 @@
 """Crawl throughput: fetch + decode + resize + JPEG encode + shard write, ours vs img2dataset.
 
-A loopback HTTP server (its own process) serves N distinct URLs over a pool of real photos
-(scikit-image's, 300-512 px). Each engine runs in its own process on the same URL list:
+A loopback HTTP server (its own process) serves N distinct URLs over a pool of 18 web-sized JPEG
+photos (scikit-image's, resized to 500-1500 px). Each engine runs in its own process on the same URL list:
 - ours: the crawl stage (`CrawlStage`: aiohttp fetcher + Pillow image checks) and `shards.write_shard`,
   exactly the code the Ray Data graph runs, without Ray around it;
 - img2dataset: its downloader (1 process, N threads) from .venv-img2dataset, writing WebDataset.
@@ -23,6 +23,7 @@ import os
 import resource
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def photo_pool() -> list[bytes]:
+def small_photo_pool() -> list[bytes]:
+    """scikit-image's photos at their own size (300-640 px): the benchmark's first pool."""
     import numpy as np
     from PIL import Image
     from skimage import data
@@ -47,8 +49,33 @@ def photo_pool() -> list[bytes]:
     return out
 
 
-def serve(port_queue: multiprocessing.Queue) -> None:
-    pool = photo_pool()
+def photo_pool(variants: int = 2, seed: int = 0) -> list[bytes]:
+    """Web-sized JPEG photos: scikit-image's photos resized to a long side of 500-1500 px, with a
+    little sensor-like noise so that they compress like camera photos (~1.5 bits/pixel at q90)."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse", "clock", "brick"):
+        array = getattr(data, name)()
+        if array.dtype == bool:
+            array = (array * 255).astype(np.uint8)
+        image = Image.fromarray(array).convert("RGB")
+        for _ in range(variants):
+            scale = int(rng.integers(500, 1501)) / max(image.size)
+            size = (round(image.width * scale), round(image.height * scale))
+            pixels = np.asarray(image.resize(size, Image.Resampling.LANCZOS), np.float32)
+            pixels += rng.normal(0, 3, (size[1], size[0], 1))
+            buf = io.BytesIO()
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+            out.append(buf.getvalue())
+    return out
+
+
+def serve(port_queue: multiprocessing.Queue, pool_name: str) -> None:
+    pool = small_photo_pool() if pool_name == "small" else photo_pool()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -148,6 +175,18 @@ def run_img2dataset(
     }
 
 
+def output_sizes(folder: str) -> dict[str, tuple[int, int]]:
+    """url -> (width, height) of the images in a folder of WebDataset shards."""
+    sizes = {}
+    for path in Path(folder).glob("*.tar"):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    meta = json.load(tar.extractfile(member))
+                    sizes[meta["url"]] = (meta["width"], meta["height"])
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -159,6 +198,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=64, help="img2dataset thread_count")
     parser.add_argument("--venv", default=str(ROOT / ".venv-img2dataset"))
     parser.add_argument("--skip-img2dataset", action="store_true")
+    parser.add_argument(
+        "--pool",
+        choices=["web", "small"],
+        default="web",
+        help="web: 500-1500 px photos; small: scikit-image's photos as shipped (300-640 px)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run ours in this process
     args = parser.parse_args()
 
@@ -168,7 +213,7 @@ def main() -> None:
         return
 
     queue: multiprocessing.Queue = multiprocessing.Queue()
-    server = multiprocessing.Process(target=serve, args=(queue,), daemon=True)
+    server = multiprocessing.Process(target=serve, args=(queue, args.pool), daemon=True)
     server.start()
     port = queue.get(timeout=60)
     results = {}
@@ -196,11 +241,14 @@ def main() -> None:
                 results["img2dataset"] = run_img2dataset(
                     args.venv, urls_file, f"{tmp}/i2d", args.image_size, args.per_shard, args.threads
                 )
+                ours_sizes, their_sizes = output_sizes(f"{tmp}/ours"), output_sizes(f"{tmp}/i2d")
+                common = ours_sizes.keys() & their_sizes.keys()
+                same_sizes = sum(ours_sizes[u] == their_sizes[u] for u in common)
     finally:
         server.terminate()
         server.join()
 
-    print(f"\ncrawl benchmark: {args.n} URLs, loopback server, {len(os.sched_getaffinity(0))} cores, "
+    print(f"\ncrawl benchmark: {args.n} URLs ({args.pool} photos), loopback server, {len(os.sched_getaffinity(0))} cores, "
           f"resize short side to {args.image_size}, WebDataset shards of {args.per_shard}")  # fmt: skip
     print(
         f"{'engine':<12} {'images':>7} {'wall s':>7} {'cpu s':>7} {'img/s':>7} {'img/s/core':>11} {'peak RSS MB':>12}"
@@ -216,6 +264,7 @@ def main() -> None:
         print(
             f"ratio ours / img2dataset (images/s/core): {results['ours']['per_core'] / results['img2dataset']['per_core']:.2f}x"
         )
+        print(f"same output width x height as img2dataset: {same_sizes} of {len(common)} URLs both kept")
     rss = results["ours"]["rss_mb_per_shard"]
     print(f"ours RSS after each shard (MB): first {rss[0]}, middle {rss[len(rss) // 2]}, last {rss[-1]}")
 
