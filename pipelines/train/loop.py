@@ -20,6 +20,7 @@ import random
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 import ray.train
@@ -162,8 +163,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     max_log_scale = math.log(cfg.max_logit_scale)
     shard = ray.train.get_dataset_shard("train")
 
-    def save(metrics: dict, epoch_summary: dict | None = None) -> None:
-        """Gather the data position from every worker and report a checkpoint (written by rank 0)."""
+    def save(metrics: dict, epoch_summary: Callable[[DataPosition], dict] | None = None) -> DataPosition:
+        """Gather the data position from every worker and report a checkpoint (written by rank 0).
+        Returns the position to continue from (the next epoch's start after an epoch summary)."""
         parts = _gather(
             (
                 np.concatenate(new_trained or [np.zeros(0, np.int64)]),
@@ -216,7 +218,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 f.write(_csv(metrics_rows))
         report = {**metrics, "epochs_done": len(epochs_done), "epoch_trained": trained_in_epoch}
         if rank == 0:
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+            ray.train.report(
+                report,
+                checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                delete_local_checkpoint_after_upload=True,  # SYNC upload: storage holds it when this returns
+            )
         else:
             ray.train.report(report, checkpoint=None)
         return data
