@@ -103,3 +103,24 @@ def test_exif_orientation_applied():
     image.save(buf, format="JPEG", exif=exif)
     out = process_image(buf.getvalue(), ImageConfig(resize_mode="none"))
     assert (out.width, out.height) == (300, 451)
+
+
+def test_draft_decode_keeps_img2datasets_output_size():
+    # 520 x 663 decodes at 1/2 scale as 260 x 332, whose short-side-to-256 size would be 256 x 327;
+    # the size must come from the original: round(663 * 256 / 520) = 326, as img2dataset computes it.
+    image = Image.fromarray(photos.astronaut()).resize((520, 663))
+    out = process_image(encode(image, "jpg"), ImageConfig(image_size=256))
+    assert (out.width, out.height) == (256, 326) and decode(out.jpg).size == (256, 326)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 520 x 663, displayed 663 x 520
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif)
+    rotated = process_image(buf.getvalue(), ImageConfig(image_size=256))
+    assert (rotated.width, rotated.height) == (326, 256)
+    assert (rotated.original_width, rotated.original_height) == (520, 663)
+
+
+def test_greyscale_jpeg_becomes_rgb():
+    data = encode(Image.fromarray(photos.camera()), "jpg")  # 512 x 512, mode L
+    out = process_image(data, ImageConfig(image_size=200))
+    assert decode(out.jpg).mode == "RGB" and decode(out.jpg).size == (200, 200)
