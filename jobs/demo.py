@@ -33,9 +33,9 @@ from jobs.submit import run_job  # noqa: E402
 from pipelines.demo_corpus import CorpusParams, serve, write_corpus  # noqa: E402
 from pipelines.local_cluster import LocalRayCluster  # noqa: E402
 
-# Corpus size and training schedule. The tiny ViT learns colour within a few dozen steps of 64 pairs and
-# shape after a few hundred; FULL fits the quick start's 15 minutes on 2 cores, SMALL is the test smoke.
-FULL = {"images_per_concept": 24, "heldout_per_concept": 10, "epochs": 16, "batch_size": 32, "lr": 1e-3,
+# Corpus size and training schedule. Colour is learned within a few dozen steps of 64 pairs, shape needs
+# hundreds; FULL (~250 steps) fits the quick start's 15 minutes on 2 busy cores, SMALL is the test smoke.
+FULL = {"images_per_concept": 32, "heldout_per_concept": 10, "epochs": 16, "batch_size": 32, "lr": 1e-3,
         "warmup_steps": 20}  # fmt: skip
 SMALL = {"images_per_concept": 6, "heldout_per_concept": 3, "epochs": 4, "batch_size": 16, "lr": 1e-3,
          "warmup_steps": 5}  # fmt: skip
@@ -103,9 +103,12 @@ def plot_funnel(stats: dict, out_funnel: Path, out_queries: Path) -> list[tuple[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    funnel = []
-    for group in (stats.get("curation", {}).get("stages", {}), stats.get("stages", {})):
-        funnel += ordered_stages(group)
+    funnel = []  # both parts have a "dedupe" stage: names carry their part
+    for part, stages in (
+        ("curate", stats.get("curation", {}).get("stages", {})),
+        ("crawl", stats.get("stages", {})),
+    ):
+        funnel += [(f"{part}/{name}", n_in, n_out) for name, n_in, n_out in ordered_stages(stages)]
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(funnel) + 1))
     names = [f[0] for f in funnel][::-1]
     ax.barh(names, [f[1] for f in funnel][::-1], color="#ccc", label="in")

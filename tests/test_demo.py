@@ -55,11 +55,8 @@ def test_demo_runs_end_to_end_small(ray_head, tmp_path):
     assert zero_shot["colour_seen"]["top1"] > 1 / 8  # colour is learned within a few dozen steps
     assert (run_dir / "eval" / "combo_all" / "results.json").exists()
     assert summary["retrieval"]["num_images"] == 48 * 3
-    assert [name for name, _, _ in summary["funnel"]][:5] == [
-        "read",
-        "text_filter",
-        "match",
-        "dedupe",
-        "balance",
-    ]
+    assert [name for name, _, _ in summary["funnel"]] == [
+        "curate/read", "curate/text_filter", "curate/match", "curate/dedupe", "curate/balance",
+        "crawl/input", "crawl/fetch", "crawl/image", "crawl/dedupe",
+    ]  # fmt: skip
     assert Path(run_dir / "train" / "metrics.csv").exists()
