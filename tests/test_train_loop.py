@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import clip_model
 from clip_model import Tokenizer, create_model, image_transform
 from clip_model.zero_shot import build_zero_shot_classifier, predict
+from pipelines import synthetic
 from pipelines.shards import write_dataset
 from pipelines.synthetic import Concept, generate, synthetic_shard_samples, to_jpeg
 from pipelines.train.config import TrainConfig
@@ -30,19 +31,16 @@ from pipelines.train.ingest import (
 )
 from pipelines.train.trainer import train
 
-COLOURS = ("red", "green", "blue", "yellow")
-CONCEPTS = [Concept(c, s) for c in COLOURS for s in ("circle", "square")]
+# Eight colours of one shape: the class is the colour (chance 1/8), a signal a tiny model learns in ~30 steps.
+COLOURS = tuple(synthetic.COLOURS)
+CONCEPTS = [Concept(c, "circle") for c in COLOURS]
 SIZE = 32
-# Zero-shot prompts for a colour, ensembled over both shapes (class = colour).
+# Zero-shot prompt ensemble for a colour class.
 PROMPTS = [
-    t.replace("SHAPE", shape)
-    for shape in ("circle", "square")
-    for t in (
-        "a photo of a {} SHAPE.",
-        "close-up of a {} SHAPE",
-        "simple picture: {} SHAPE",
-        "a {} SHAPE drawn on paper",
-    )
+    "a photo of a {} circle.",
+    "close-up of a {} circle",
+    "simple picture: {} circle",
+    "a {} circle drawn on paper",
 ]
 
 
@@ -140,8 +138,8 @@ def trained_run(ray_local, merges, tmp_path_factory):
         tokenizer_merges=path,
         data_uri=str(root / "shards"),
         batch_size=16,
-        epochs=3,
-        lr=1e-3,
+        epochs=5,
+        lr=2e-3,
         warmup_steps=5,
         shuffle_buffer=64,
         storage_path=str(root / "runs"),
@@ -185,7 +183,7 @@ def test_run_learns_and_zero_shot_is_far_above_chance(trained_run, merges):
         weights = build_zero_shot_classifier(model, tok, COLOURS, PROMPTS)
         accuracy = (predict(model.encode_image(images), weights)[:, 0] == labels).float().mean().item()
     print(f"losses {losses[0]:.3f} -> {final:.3f}, zero-shot accuracy {accuracy:.2f}")
-    assert accuracy >= 0.55, f"zero-shot accuracy {accuracy:.2f} (chance 0.25)"
+    assert accuracy >= 0.5, f"zero-shot accuracy {accuracy:.2f} (chance {1 / len(COLOURS):.3f})"
 
 
 def test_every_sample_once_per_epoch_and_bad_rows_counted(trained_run):
