@@ -92,9 +92,13 @@ def serve(port_queue: multiprocessing.Queue, pool_name: str) -> None:
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    server.request_queue_size = 1024
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+        # The listen backlog is set when binding: with the default (5), 64 clients connecting at
+        # once overflow it and some requests stall until the client's read timeout.
+        request_queue_size = 1024
+
+    server = Server(("127.0.0.1", 0), Handler)
     port_queue.put(server.server_address[1])
     server.serve_forever()
 
@@ -121,13 +125,14 @@ def run_ours(urls_file: str, out_dir: str, image_size: int, per_shard: int, batc
         ImageConfig(image_size=image_size, resize_mode="keep_aspect", jpeg_quality=95),
         decode_threads=2,
     )
-    started, kept, rss = time.time(), 0, []
+    started, kept, retries, rss = time.time(), 0, 0, []
     for shard_index, start in enumerate(range(0, len(urls), per_shard)):
         samples = []
         for b in range(start, min(start + per_shard, len(urls)), batch):
             chunk = urls[b : min(b + batch, start + per_shard, len(urls))]
             table = stage(pa.table({"url": chunk, "caption": [f"photo {i}" for i in range(len(chunk))]}))
             for i, row in enumerate(table.to_pylist()):
+                retries += max(0, (row["attempts"] or 1) - 1)
                 if row["status"] is None:
                     key = f"{shard_index:05d}{b - start + i:04d}"
                     meta = {k: row[k] for k in ("url", "caption", "width", "height", "sha256")}
@@ -139,6 +144,7 @@ def run_ours(urls_file: str, out_dir: str, image_size: int, per_shard: int, batc
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "images": kept,
+        "retries": retries,
         "wall_s": time.time() - started,
         "cpu_s": usage.ru_utime + usage.ru_stime,
         "peak_rss_mb": usage.ru_maxrss / 1024,
@@ -265,6 +271,7 @@ def main() -> None:
             f"ratio ours / img2dataset (images/s/core): {results['ours']['per_core'] / results['img2dataset']['per_core']:.2f}x"
         )
         print(f"same output width x height as img2dataset: {same_sizes} of {len(common)} URLs both kept")
+    print(f"ours: {results['ours']['retries']} retried requests")
     rss = results["ours"]["rss_mb_per_shard"]
     print(f"ours RSS after each shard (MB): first {rss[0]}, middle {rss[len(rss) // 2]}, last {rss[-1]}")
 
