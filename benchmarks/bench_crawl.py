@@ -273,7 +273,11 @@ def main() -> None:
         print(f"same output width x height as img2dataset: {same_sizes} of {len(common)} URLs both kept")
     print(f"ours: {results['ours']['retries']} retried requests")
     rss = results["ours"]["rss_mb_per_shard"]
-    print(f"ours RSS after each shard (MB): first {rss[0]}, middle {rss[len(rss) // 2]}, last {rss[-1]}")
+    step = max(1, len(rss) // 10)
+    points = ", ".join(
+        f"{(i + 1) * args.per_shard}: {rss[i]}" for i in [*range(0, len(rss) - 1, step), len(rss) - 1]
+    )
+    print(f"ours RSS (MB) after N images: {points}")
 
 
 if __name__ == "__main__":
