@@ -34,8 +34,8 @@ from pipelines.demo_corpus import CorpusParams, serve, write_corpus  # noqa: E40
 from pipelines.local_cluster import LocalRayCluster  # noqa: E402
 
 # Corpus size and training schedule. Colour is learned within a few dozen steps of 64 pairs, shape needs
-# hundreds; FULL (~250 steps) fits the quick start's 15 minutes on 2 busy cores, SMALL is the test smoke.
-FULL = {"images_per_concept": 32, "heldout_per_concept": 10, "epochs": 16, "batch_size": 32, "lr": 1e-3,
+# hundreds; FULL (~380 steps) fits the quick start's 15 minutes on 2 busy cores, SMALL is the test smoke.
+FULL = {"images_per_concept": 32, "heldout_per_concept": 10, "epochs": 24, "batch_size": 32, "lr": 1e-3,
         "warmup_steps": 20}  # fmt: skip
 SMALL = {"images_per_concept": 6, "heldout_per_concept": 3, "epochs": 4, "batch_size": 16, "lr": 1e-3,
          "warmup_steps": 5}  # fmt: skip
