@@ -37,8 +37,8 @@ from pipelines.local_cluster import LocalRayCluster  # noqa: E402
 # hundreds; FULL (~380 steps) fits the quick start's 15 minutes on 2 busy cores, SMALL is the test smoke.
 FULL = {"images_per_concept": 32, "heldout_per_concept": 10, "epochs": 24, "batch_size": 32, "lr": 1e-3,
         "warmup_steps": 20}  # fmt: skip
-SMALL = {"images_per_concept": 6, "heldout_per_concept": 3, "epochs": 4, "batch_size": 16, "lr": 1e-3,
-         "warmup_steps": 5}  # fmt: skip
+SMALL = {"images_per_concept": 6, "heldout_per_concept": 3, "epochs": 10, "batch_size": 8, "lr": 2e-3,
+         "warmup_steps": 10}  # fmt: skip
 # The tiny ResNet picks up shape sooner than the tiny ViT at 32 px; captions are short, so 32 tokens.
 MODEL = {"model": "tiny-rn", "image_resolution": 32, "context_length": 32}
 # Zero-shot sets: (name, split, label set); "combo" is the image folder of all 48 pairs.

@@ -52,7 +52,8 @@ def test_demo_runs_end_to_end_small(ray_head, tmp_path):
     zero_shot = summary["zero_shot"]
     assert set(zero_shot) == {"colour_seen", "colour_novel", "shape_seen", "shape_novel", "combo_all"}
     assert zero_shot["colour_seen"]["chance"] == 1 / 8 and zero_shot["combo_all"]["classes"] == 48
-    assert zero_shot["colour_seen"]["top1"] > 1 / 8  # colour is learned within a few dozen steps
+    # colour is learned within ~100 steps (measured 74% on 120 images); twice chance leaves room for noise
+    assert zero_shot["colour_seen"]["top1"] > 2 / 8
     assert (run_dir / "eval" / "combo_all" / "results.json").exists()
     assert summary["retrieval"]["num_images"] == 48 * 3
     assert [name for name, _, _ in summary["funnel"]] == [
