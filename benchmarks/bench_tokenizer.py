@@ -12,82 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import tempfile
 import time
 import tracemalloc
 
 from clip_model._bpe_reference import ReferenceTokenizer
 from clip_model.tokenizer import Tokenizer
-
-_SYLLABLES = [
-    "ka",
-    "ri",
-    "to",
-    "mo",
-    "na",
-    "el",
-    "an",
-    "ber",
-    "sto",
-    "lin",
-    "gra",
-    "vel",
-    "qu",
-    "ish",
-    "ment",
-    "ing",
-    "ed",
-    "un",
-    "re",
-    "pho",
-    "to",
-    "sun",
-    "dog",
-    "cat",
-]
-_COMMON = [
-    "a",
-    "the",
-    "of",
-    "on",
-    "in",
-    "with",
-    "and",
-    "at",
-    "by",
-    "for",
-    "photo",
-    "picture",
-    "image",
-    "view",
-    "close",
-    "up",
-]
-_EXTRA = ["café", "naïve", "straße", "東京", "夜景", "مرحبا", "😀", "🐶", "&amp;", "d'été", "it's", "we're"]
-
-
-def generate_captions(n: int, seed: int = 0) -> list[str]:
-    """Caption-like text over a Zipf-distributed pseudo-word vocabulary (~20k words), with numbers,
-    punctuation, some capitals and a few non-ASCII words and HTML entities."""
-    rng = random.Random(seed)
-    words = sorted({"".join(rng.choices(_SYLLABLES, k=rng.randint(1, 4))) for _ in range(30000)})
-    rng.shuffle(words)
-    weights = [1.0 / (rank + 1) for rank in range(len(words))]
-    captions = []
-    for _ in range(n):
-        k = rng.randint(3, 18)
-        toks = rng.choices(words, weights=weights, k=k)
-        toks[rng.randrange(k)] = rng.choice(_COMMON)
-        if rng.random() < 0.3:
-            toks.append(str(rng.randint(0, 3000)))
-        if rng.random() < 0.1:
-            toks.insert(rng.randrange(len(toks)), rng.choice(_EXTRA))
-        text = " ".join(toks)
-        if rng.random() < 0.3:
-            text = text.capitalize()
-        captions.append(text + rng.choice(["", ".", "!", " ...", " (2019)", ", 4k"]))
-    return captions
+from pipelines.synthetic import pseudo_captions
 
 
 def _best_seconds(make, run, repeats: int) -> tuple[object, float, float]:
@@ -169,7 +100,7 @@ def main() -> None:
     parser.add_argument("--merges", help="OpenAI-layout merges file, e.g. bpe_simple_vocab_16e6.txt.gz")
     args = parser.parse_args()
 
-    captions = generate_captions(args.captions, seed=0)
+    captions = pseudo_captions(args.captions, seed=0)
     # ftfy (called identically by both tokenizers) bounds the speed-up on the captions that need it.
     needs_ftfy = [not (c.isascii() and c.isprintable() and "&" not in c) for c in captions]
     corpora = [
@@ -181,7 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         trained = Tokenizer.train(
-            generate_captions(20000, seed=1), args.vocab_size, os.path.join(tmp, "bpe.txt.gz")
+            pseudo_captions(20000, seed=1), args.vocab_size, os.path.join(tmp, "bpe.txt.gz")
         )
         train_s = time.perf_counter() - t0
         for label, corpus in corpora:

@@ -68,22 +68,28 @@ def shard_captions(shard_dir: Path) -> list[str]:
 
 
 def plot_training(metrics_csv: Path, out: Path) -> dict:
+    """Loss, logit scale, throughput and the trainer's zero-shot check against step; returns the last values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = list(csv.DictReader(metrics_csv.open()))
-    step = [int(float(r["step"])) for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, key in zip(axes, ("loss", "logit_scale", "samples_per_s")):
-        ax.plot(step, [float(r[key]) for r in rows])
+    keys = ("loss", "logit_scale", "samples_per_s", "zero_shot_top1")
+    fig, axes = plt.subplots(1, len(keys), figsize=(17, 3.5))
+    last: dict[str, float] = {}
+    for ax, key in zip(axes, keys):
+        points = [(int(float(r["step"])), float(r[key])) for r in rows if r.get(key)]  # a row holds some keys
+        if points:
+            ax.plot(*zip(*points), marker="." if key == "zero_shot_top1" else None)
+            last[key] = points[-1][1]
         ax.set_title(key)
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
-    return {"steps": step[-1] if step else 0, "last": rows[-1] if rows else {}}
+    steps = max((int(float(r["step"])) for r in rows), default=0)
+    return {"steps": steps, "last": last}
 
 
 def ordered_stages(stages: dict) -> list[tuple[str, int, int]]:
@@ -194,7 +200,9 @@ def run(args: argparse.Namespace) -> dict:
                               f"model_overrides={overrides}",
                               f"storage_path={run_dir}", "name=train", f"epochs={size['epochs']}",
                               f"batch_size={size['batch_size']}", f"lr={size['lr']}", f"warmup_steps={size['warmup_steps']}",
-                              "checkpoint_every=0", "keep_checkpoints=1", "max_failures=0"], ROOT)  # fmt: skip
+                              "checkpoint_every=0", "keep_checkpoints=1", "max_failures=0",
+                              f"zero_shot_data={corpus.label_set('seen', 'colour')}",
+                              f"zero_shot_templates={corpus.templates('colour')}"], ROOT)  # fmt: skip
             timings["train_s"] = time.time() - t
             checkpoint = sorted(p for p in train_dir.glob("checkpoint_*") if p.is_dir())[-1]
 
@@ -230,7 +238,8 @@ def print_summary(summary: dict, run_dir: str) -> None:
     last = summary["training"]["last"]
     print("\n=== training ===")
     print(f"  {summary['training']['steps']} steps in {summary['timings']['train_s']:.0f} s (job), "
-          f"{float(last.get('samples_per_s', 0)):.1f} samples/s, final loss {float(last.get('loss', 0)):.3f}")  # fmt: skip
+          f"{last.get('samples_per_s', 0):.1f} samples/s, final loss {last.get('loss', 0):.3f}, "
+          f"colour zero-shot during training {last.get('zero_shot_top1', 0):.1%} (each epoch end)")  # fmt: skip
     print("\n=== zero-shot on held-out images (top-1 vs chance) ===")
     for name, zs in summary["zero_shot"].items():
         print(f"  {name:<14} {zs['top1']:>6.1%}   chance {zs['chance']:>5.1%}   {zs['classes']:>2} classes, "

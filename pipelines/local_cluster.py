@@ -38,6 +38,25 @@ LOOPBACK_ENV = {
 }
 
 
+def head_command(temp_dir: str, num_cpus: int, *extra_args: str) -> tuple[list[str], str, str]:
+    """`ray start --head --block` on 127.0.0.1 with every port fresh: (command, GCS address, dashboard URL)."""
+    gcs, dash, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr, client = free_ports(9)
+    worker_lo = 10000 + (gcs % 20) * 1000  # below the ephemeral range the other ports come from
+    cmd = [
+        "ray", "start", "--head", "--block",
+        "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+        f"--ray-client-server-port={client}",
+        f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 999}",
+        f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        *extra_args,
+    ]  # fmt: skip
+    return cmd, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
+
+
 @dataclass
 class LocalRayCluster:
     """A head node in its own process group; `address` for ray.init, `dashboard_url` for job submission."""
@@ -54,30 +73,15 @@ class LocalRayCluster:
     def start(self, timeout: float = 90.0) -> LocalRayCluster:
         import json
 
-        gcs, dash, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr, client = free_ports(9)
         # Unix socket paths must stay short, so the temp dir lives directly under /tmp.
         self.temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
         env = {**os.environ, **LOOPBACK_ENV, **self.env}
-        worker_lo = 10000 + (gcs % 20) * 1000  # below the ephemeral range the other ports come from
-        cmd = [
-            "ray", "start", "--head", "--block",
-            "--node-ip-address=127.0.0.1", f"--port={gcs}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
-            f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-            f"--ray-client-server-port={client}",
-            f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 999}",
-            f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-            *self.extra_args,
-        ]
+        cmd, self.address, self.dashboard_url = head_command(self.temp_dir, self.num_cpus, *self.extra_args)
         if self.resources:
             cmd.append(f"--resources={json.dumps(self.resources)}")
         self.proc = subprocess.Popen(
             cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        self.address = f"127.0.0.1:{gcs}"
-        self.dashboard_url = f"http://127.0.0.1:{dash}"
         self._wait_for_dashboard(timeout)
         return self
 

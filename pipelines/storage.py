@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -61,9 +63,21 @@ def makedirs(uri: str) -> None:
 
 
 def read_bytes(uri: str) -> bytes:
+    """The bytes as stored (pyarrow would otherwise gunzip a `.gz` name on the fly)."""
     fs, path = resolve(uri)
-    with fs.open_input_stream(path) as f:
+    with fs.open_input_stream(path, compression=None) as f:
         return f.read()
+
+
+def local_file(uri: str) -> str:
+    """A local path holding the file at `uri`: the path itself, or a temp copy of an s3:// object
+    (for readers that only take paths, e.g. the tokenizer's merges file on every worker)."""
+    if not is_s3(uri):
+        return os.fspath(uri)
+    suffix = "".join(Path(uri).suffixes[-2:])
+    with tempfile.NamedTemporaryFile(suffix=suffix, delete=False) as f:
+        f.write(read_bytes(uri))
+    return f.name
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

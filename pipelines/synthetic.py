@@ -239,3 +239,33 @@ def synthetic_shard_samples(n: int, seed: int = 0, size: int = 64, **kwargs) -> 
                 "sha256": hashlib.sha256(jpg).hexdigest(),
             },
         }
+
+
+# ---------- captions without images (tokenizer tests and benchmarks) ----------
+
+_SYLLABLES = ["ka", "ri", "to", "mo", "na", "el", "an", "ber", "sto", "lin", "gra", "vel", "qu", "ish", "ment", "ing", "ed", "un", "re", "pho", "to", "sun", "dog", "cat"]  # fmt: skip
+_COMMON = ["a", "the", "of", "on", "in", "with", "and", "at", "by", "for", "photo", "picture", "image", "view", "close", "up"]  # fmt: skip
+_EXTRA = ["café", "naïve", "straße", "東京", "夜景", "مرحبا", "😀", "🐶", "&amp;", "d'été", "it's", "we're"]
+
+
+def pseudo_captions(n: int, seed: int = 0, num_words: int = 30000, max_syllables: int = 4) -> list[str]:
+    """Caption-like text over a Zipf-distributed pseudo-word vocabulary (~20k words), with numbers,
+    punctuation, some capitals and a few non-ASCII words and HTML entities."""
+    rng = random.Random(seed)
+    words = sorted({"".join(rng.choices(_SYLLABLES, k=rng.randint(1, max_syllables))) for _ in range(num_words)})
+    rng.shuffle(words)
+    weights = [1.0 / (rank + 1) for rank in range(len(words))]
+    captions = []
+    for _ in range(n):
+        k = rng.randint(3, 18)
+        toks = rng.choices(words, weights=weights, k=k)
+        toks[rng.randrange(k)] = rng.choice(_COMMON)
+        if rng.random() < 0.3:
+            toks.append(str(rng.randint(0, 3000)))
+        if rng.random() < 0.1:
+            toks.insert(rng.randrange(len(toks)), rng.choice(_EXTRA))
+        text = " ".join(toks)
+        if rng.random() < 0.3:
+            text = text.capitalize()
+        captions.append(text + rng.choice(["", ".", "!", " ...", " (2019)", ", 4k"]))
+    return captions

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipelines.local_cluster import LOOPBACK_ENV, LocalRayCluster, free_ports
 
@@ -165,3 +166,13 @@ def http_server(tmp_path_factory) -> Iterator[LoopbackHTTPServer]:
     server = LoopbackHTTPServer(tmp_path_factory.mktemp("www"))
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine idle OpenMP threads
+    spin and slow everything down. Use: `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

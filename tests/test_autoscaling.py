@@ -28,7 +28,7 @@ import yaml
 
 from jobs.submit import submit_job, wait_for_job
 from pipelines import synthetic
-from pipelines.local_cluster import LOOPBACK_ENV, free_ports
+from pipelines.local_cluster import LOOPBACK_ENV, head_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,23 +94,11 @@ class FakeAutoscalingCluster:
 
     def __init__(self, aws_yaml: Path):
         self.temp_dir = tempfile.mkdtemp(prefix="ray_fake_", dir="/tmp")  # short: Unix socket paths
-        gcs, dash, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr, client = free_ports(9)
-        self.address = f"127.0.0.1:{gcs}"
-        self.dashboard_url = f"http://127.0.0.1:{dash}"
         self.config_path = Path(self.temp_dir) / "autoscaling.json"
+        self.cmd, self.address, self.dashboard_url = head_command(
+            self.temp_dir, 0, f"--autoscaling-config={self.config_path}"
+        )
         self.config_path.write_text(json.dumps(fake_cluster_config(aws_yaml, self.address)))
-        worker_lo = 10000 + (gcs % 20) * 1000
-        self.cmd = [
-            "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-            "--num-cpus=0", f"--autoscaling-config={self.config_path}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
-            f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-            f"--ray-client-server-port={client}",
-            f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 999}",
-            f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-        ]  # fmt: skip
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90.0) -> FakeAutoscalingCluster:

@@ -15,14 +15,7 @@ VOCAB = 1000  # a small trained vocabulary keeps these tests fast; the loader in
 SOT, EOT = VOCAB - 2, VOCAB - 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine idle OpenMP threads
-    spin and slow everything down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def trained_like(name: str, seed: int = 0) -> clip_model.CLIP:

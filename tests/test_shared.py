@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
 import tarfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -127,6 +129,16 @@ def test_storage_atomic_json_and_listing(tmp_path, s3_server):
         assert storage.list_files(storage.join(base, "missing")) == []
         storage.delete(uri)
         assert not storage.exists(uri)
+
+
+def test_storage_bytes_are_as_stored_and_local_file_copies_s3(tmp_path, s3_server):
+    gz = gzip.compress(b"#version: 0.2\na b\n")
+    for base in (str(tmp_path), s3_server.make_bucket("bytes")):
+        uri = storage.join(base, "merges.txt.gz")
+        storage.write_bytes_atomic(uri, gz)
+        assert storage.read_bytes(uri) == gz  # not gunzipped on the way
+        local = storage.local_file(uri)
+        assert Path(local).read_bytes() == gz and (local == uri) == (base == str(tmp_path))
 
 
 def test_synthetic_is_deterministic_and_labelled():

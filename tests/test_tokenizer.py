@@ -11,34 +11,9 @@ import torch
 
 from clip_model._bpe_reference import ReferenceTokenizer, bytes_to_unicode
 from clip_model.tokenizer import OPENAI_NUM_MERGES, Tokenizer, clean_text, read_merges, write_merges
+from pipelines.synthetic import pseudo_captions
 
 VOCAB = 1000
-SYLLABLES = [
-    "ka",
-    "ri",
-    "to",
-    "mo",
-    "na",
-    "el",
-    "an",
-    "ber",
-    "sto",
-    "lin",
-    "gra",
-    "vel",
-    "qu",
-    "ish",
-    "ment",
-    "ing",
-    "ed",
-    "un",
-    "re",
-    "pho",
-    "sun",
-    "dog",
-    "cat",
-]
-
 # Text the fast paths could get wrong: non-ASCII scripts, HTML, whitespace, controls, case, contractions.
 EDGE_CASES = [
     "",
@@ -72,19 +47,6 @@ EDGE_CASES = [
 ]
 
 
-def make_captions(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    words = ["".join(rng.choices(SYLLABLES, k=rng.randint(1, 3))) for _ in range(3000)]
-    extra = ["café", "東京", "😀", "&amp;", "it's", "x2", "(2019)", "!!!", "DOG"]
-    out = []
-    for _ in range(n):
-        toks = rng.choices(words, k=rng.randint(2, 12))
-        if rng.random() < 0.3:
-            toks.append(rng.choice(extra))
-        out.append(" ".join(toks))
-    return out
-
-
 def random_unicode(n: int, seed: int) -> list[str]:
     """Strings mixing ASCII and code points from every plane, including controls and surrogates."""
     rng = random.Random(seed)
@@ -107,7 +69,7 @@ def random_unicode(n: int, seed: int) -> list[str]:
 @pytest.fixture(scope="module")
 def merges_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("bpe") / "bpe.txt.gz"
-    Tokenizer.train(make_captions(3000, seed=0) + EDGE_CASES[:20], VOCAB, path)
+    Tokenizer.train(pseudo_captions(3000, seed=0, num_words=3000, max_syllables=3) + EDGE_CASES[:20], VOCAB, path)
     return path
 
 
@@ -143,7 +105,7 @@ def test_plain_text_round_trip(merges_file, tok, tmp_path):
     write_merges(merges, tmp_path / "bpe.txt")
     assert read_merges(tmp_path / "bpe.txt") == merges
     plain = Tokenizer(tmp_path / "bpe.txt")
-    texts = make_captions(50, seed=5) + EDGE_CASES
+    texts = pseudo_captions(50, seed=5, num_words=3000, max_syllables=3) + EDGE_CASES
     assert torch.equal(plain(texts), tok(texts))
 
 
@@ -163,7 +125,7 @@ def test_openai_sized_file_gives_49408_ids(tmp_path):
 
 
 def test_ids_equal_reference_on_varied_corpus(tok, ref):
-    texts = EDGE_CASES + make_captions(300, seed=1) + random_unicode(300, seed=2)
+    texts = EDGE_CASES + pseudo_captions(300, seed=1, num_words=3000, max_syllables=3) + random_unicode(300, seed=2)
     expected = [ref.encode(t) for t in texts]
     assert tok.encode_batch(texts) == expected
     assert [tok.encode(t) for t in texts] == expected

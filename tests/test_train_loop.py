@@ -5,8 +5,10 @@ Plus the ingest stages without Ray."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 import clip_model
 from clip_model import Tokenizer, create_model, image_transform
 from clip_model.zero_shot import build_zero_shot_classifier, predict
-from pipelines import synthetic
+from pipelines import storage, synthetic
 from pipelines.shards import write_dataset
 from pipelines.synthetic import Concept, generate, synthetic_shard_samples, to_jpeg
 from pipelines.train.config import TrainConfig
@@ -29,7 +31,7 @@ from pipelines.train.ingest import (
     build_dataset,
     key_hash,
 )
-from pipelines.train.trainer import train
+from pipelines.train.trainer import build_trainer, train
 
 # Eight colours of one shape: the class is the colour (chance 1/8), a signal a tiny model learns in ~30 steps.
 COLOURS = tuple(synthetic.COLOURS)
@@ -109,7 +111,9 @@ def test_ingest_reads_shards_from_s3(ray_local, s3_server, merges, fmt):
     samples = list(synthetic_shard_samples(20, seed=2, size=SIZE, concepts=CONCEPTS))
     samples[3]["jpg"] = b"garbage"
     write_dataset(samples, uri, 8, formats=(fmt,))
-    cfg = TrainConfig(data_uri=uri, data_format=fmt, tokenizer_merges=path, decode_cpus=0.5)
+    merges_uri = f"{uri}/merges.txt.gz"  # the tokenizer may live in S3 too: each actor copies it locally
+    storage.write_bytes_atomic(merges_uri, Path(path).read_bytes())
+    cfg = TrainConfig(data_uri=uri, data_format=fmt, tokenizer_merges=merges_uri, decode_cpus=0.5)
     rows = build_dataset(cfg, SIZE).take_all()
     assert len(rows) == 20 and all(set(r) == {"image", "tokens", "key_hash", "status"} for r in rows)
     status = {int(r["key_hash"]): int(r["status"]) for r in rows}
@@ -132,6 +136,11 @@ def trained_run(ray_local, merges, tmp_path_factory):
     samples[5]["jpg"] = samples[5]["jpg"][:40]  # truncated JPEG
     samples[200]["txt"] = ""  # no caption
     write_dataset(samples, str(root / "shards"), 64, formats=("webdataset",))
+    held_out = root / "held_out"  # the trainer's zero-shot check reads class folders (colour names)
+    for i, sample in enumerate(generate(96, seed=99, size=SIZE, concepts=CONCEPTS, variety=False)):
+        (held_out / sample.concept.colour).mkdir(parents=True, exist_ok=True)
+        sample.image.save(held_out / sample.concept.colour / f"{i}.png")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS))
     cfg = TrainConfig(
         model="tiny-rn",
         model_overrides={"vocab_size": tok.vocab_size, "image_resolution": SIZE},
@@ -146,6 +155,8 @@ def trained_run(ray_local, merges, tmp_path_factory):
         name="learn",
         log_every=4,
         seed=0,
+        zero_shot_data=str(held_out),
+        zero_shot_templates=str(root / "prompts.txt"),
     )
     result = train(cfg)
     assert result.error is None, result.error
@@ -154,6 +165,7 @@ def trained_run(ray_local, merges, tmp_path_factory):
         fp16 = clip_model.load(f"{d}/openai_fp16.pt")
         with open(f"{d}/metrics.csv") as f:
             metrics = list(csv.DictReader(f))
+        assert Tokenizer(f"{d}/tokenizer.txt.gz").bpe_ranks == tok.bpe_ranks  # checkpoint is self-contained
     model = create_model(cfg.model, **cfg.model_overrides)
     model.load_state_dict(state["model"])
     return {
@@ -168,7 +180,7 @@ def trained_run(ray_local, merges, tmp_path_factory):
 
 def test_run_learns_and_zero_shot_is_far_above_chance(trained_run, merges):
     _, tok = merges
-    losses = [float(r["loss"]) for r in trained_run["metrics"]]
+    losses = [float(r["loss"]) for r in trained_run["metrics"] if r["loss"]]  # zero-shot rows hold no loss
     final = sum(losses[-3:]) / 3  # per-batch losses are noisy: average the last logged steps
     chance = math.log(
         trained_run["cfg"].batch_size * trained_run["cfg"].num_workers
@@ -178,12 +190,19 @@ def test_run_learns_and_zero_shot_is_far_above_chance(trained_run, merges):
     transform = image_transform(SIZE)
     images = torch.stack([transform(s.image) for s in held_out])
     labels = torch.tensor([COLOURS.index(s.concept.colour) for s in held_out])
-    model = trained_run["fp16"]
-    with torch.no_grad():
-        weights = build_zero_shot_classifier(model, tok, COLOURS, PROMPTS)
-        accuracy = (predict(model.encode_image(images), weights)[:, 0] == labels).float().mean().item()
-    print(f"losses {losses[0]:.3f} -> {final:.3f}, zero-shot accuracy {accuracy:.2f}")
-    assert accuracy >= 0.5, f"zero-shot accuracy {accuracy:.2f} (chance {1 / len(COLOURS):.3f})"
+    accuracy = {}
+    for name in ("fp16", "fp32"):
+        model = trained_run[name]
+        with torch.no_grad():
+            weights = build_zero_shot_classifier(model, tok, COLOURS, PROMPTS)
+            accuracy[name] = (predict(model.encode_image(images), weights)[:, 0] == labels).float().mean().item()
+    print(f"losses {losses[0]:.3f} -> {final:.3f}, zero-shot accuracy {accuracy}")
+    assert accuracy["fp16"] >= 0.5, f"zero-shot accuracy {accuracy} (chance {1 / len(COLOURS):.3f})"
+    # The trainer's own check (same images from class folders, same prompts) ran once per epoch; its last
+    # value is the final weights' accuracy (PNG round trip: at most one image may differ).
+    during = [float(r["zero_shot_top1"]) for r in trained_run["metrics"] if r.get("zero_shot_top1")]
+    assert len(during) == trained_run["cfg"].epochs
+    assert abs(during[-1] - accuracy["fp32"]) <= 1 / 96 + 1e-6, (during, accuracy)
 
 
 def test_every_sample_once_per_epoch_and_bad_rows_counted(trained_run):
@@ -214,6 +233,18 @@ def test_fp16_openai_export_matches_fp32(trained_run, merges):
             (fp16.encode_text(tokens), fp32.encode_text(tokens)),
         ):
             assert F.cosine_similarity(a.float(), b.float()).min() > 0.999
+
+
+def test_tokenizer_of_another_vocabulary_is_refused_before_training(merges, tmp_path):
+    path, tok = merges
+    cfg = TrainConfig(
+        model="tiny-rn", model_overrides={"vocab_size": tok.vocab_size + 1}, tokenizer_merges=path,
+        data_uri=str(tmp_path / "none"),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=rf"has {tok.vocab_size} tokens but model 'tiny-rn' has vocab_size="):
+        build_trainer(cfg)
+    with pytest.raises(ValueError, match="tokenizer_merges is required"):
+        build_trainer(dataclasses.replace(cfg, tokenizer_merges=""))
 
 
 def test_corrupt_jpeg_bytes_helper_sanity():

@@ -13,7 +13,7 @@ class TrainConfig:
     # Model: a clip_model name plus CLIPConfig overrides (e.g. {vocab_size: 800, image_resolution: 32}).
     model: str = "tiny-vit"
     model_overrides: dict = field(default_factory=dict)
-    tokenizer_merges: str | None = None  # OpenAI-layout merges file; None = the bundled CLIP vocabulary
+    tokenizer_merges: str | None = None  # OpenAI-layout merges file (local or s3://); required
     grad_checkpointing: bool = False
 
     # Data: shards written by pipelines/shards.py (a folder, local or s3://).
@@ -58,6 +58,12 @@ class TrainConfig:
     resume_from: str | None = None  # a checkpoint folder to start from (same model config only)
     seed: int = 0
     log_every: int = 10
+    # Periodic zero-shot check (rank 0): an image folder with one sub-folder per class, prompt templates
+    # (a clip_model template set name or a file), every N steps (0 = at each epoch end). "" = off.
+    zero_shot_data: str = ""
+    zero_shot_templates: str = "default"
+    zero_shot_every: int = 0
+    zero_shot_limit_per_class: int = 50
 
     # Failure drill: the last worker kills its own process once, right after this step (0 = never).
     crash_at_step: int = 0

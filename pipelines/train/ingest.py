@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from clip_model import Tokenizer, image_transform
+from pipelines import storage
 
 OK, CORRUPT_IMAGE, MISSING_CAPTION = 0, 1, 2
 DROP_REASONS = {CORRUPT_IMAGE: "corrupt_image", MISSING_CAPTION: "missing_caption"}
@@ -48,7 +49,7 @@ class PrepareBatch:
     def __init__(self, image_size: int, merges_path: str, context_length: int = 77, seed: int | None = None):
         self.image_size = image_size
         self.transform = image_transform(image_size, train=True, seed=seed)
-        self.tokenizer = Tokenizer(merges_path, context_length=context_length)
+        self.tokenizer = Tokenizer(storage.local_file(merges_path), context_length=context_length)
         self.context_length = context_length
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -119,10 +120,6 @@ def build_dataset(cfg, image_size: int, context_length: int = 77):
     """The training dataset of a TrainConfig: shards -> PrepareBatch (numbers only)."""
     import ray.data
 
-    if not cfg.tokenizer_merges:
-        raise ValueError(
-            "tokenizer_merges is required: the OpenAI-layout merges file the model's vocab comes from"
-        )
     return read_shards(cfg.data_uri, cfg.data_format, cfg.seed, cfg.read_cpus).map_batches(
         PrepareBatch,
         fn_constructor_kwargs={

@@ -28,13 +28,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from clip_model import create_model, to_openai_state_dict
+from clip_model import Tokenizer, create_model, to_openai_state_dict
 from pipelines import storage
 from pipelines.config import config_to_dict, from_dict
 from pipelines.train.config import TrainConfig
 from pipelines.train.gradcache import FeatureModel, forward_backward
 from pipelines.train.ingest import EpochStream
 from pipelines.train.optim import build_optimizer, build_scheduler
+from pipelines.train.zero_shot_check import ZeroShotCheck
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ STATE_FILE = "state.pt"
 OPENAI_FP16_FILE = "openai_fp16.pt"
 METRICS_FILE = "metrics.csv"
 MODEL_CONFIG_FILE = "model_config.json"
+TOKENIZER_FILE = "tokenizer.txt.gz"  # the BPE merges the run tokenized with: a checkpoint is usable on its own
 
 
 class ResumeMismatchError(ValueError):
@@ -162,6 +164,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scaler.load_state_dict(state["scaler"])
     max_log_scale = math.log(cfg.max_logit_scale)
     shard = ray.train.get_dataset_shard("train")
+    merges = storage.read_bytes(cfg.tokenizer_merges) if rank == 0 else b""
+    zero_shot = None
+    if cfg.zero_shot_data and rank == 0:
+        tokenizer = Tokenizer(storage.local_file(cfg.tokenizer_merges), context_length=model_config.context_length)
+        zero_shot = ZeroShotCheck(cfg.zero_shot_data, tokenizer, model_config.image_resolution,
+                                  cfg.zero_shot_templates, cfg.zero_shot_limit_per_class)  # fmt: skip
 
     def save(metrics: dict, epoch_summary: Callable[[DataPosition], dict] | None = None) -> DataPosition:
         """Gather the data position from every worker and report a checkpoint (written by rank 0).
@@ -216,6 +224,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 json.dump(dataclasses.asdict(model_config), f)
             with open(os.path.join(checkpoint_dir, METRICS_FILE), "w") as f:
                 f.write(_csv(metrics_rows))
+            with open(os.path.join(checkpoint_dir, TOKENIZER_FILE), "wb") as f:
+                f.write(merges)
         report = {**metrics, "epochs_done": len(epochs_done), "epoch_trained": trained_in_epoch}
         if rank == 0:
             ray.train.report(
@@ -286,6 +296,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 }
                 if device.type == "cuda":
                     metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                if zero_shot and cfg.zero_shot_every > 0 and step % cfg.zero_shot_every == 0:
+                    metrics["zero_shot_top1"] = zero_shot(clip, device)
                 metrics_rows.append(metrics)
                 window = {"time": 0.0, "wait": 0.0, "steps": 0}
                 if checkpoint_now:
@@ -319,6 +331,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             }
 
         metrics = {**metrics, "step": step, "epoch": epoch}
+        if zero_shot and cfg.zero_shot_every == 0:
+            metrics["zero_shot_top1"] = zero_shot(clip, device)
+            metrics_rows.append({"step": step, "epoch": epoch, "zero_shot_top1": metrics["zero_shot_top1"]})
         position = save(metrics, epoch_summary=summary)
         new_trained = []
 

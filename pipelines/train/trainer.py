@@ -9,6 +9,7 @@ import os
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from clip_model import Tokenizer
 from pipelines import shards, storage
 from pipelines.config import config_to_dict
 from pipelines.train.config import TrainConfig
@@ -52,9 +53,24 @@ def check_resume_source(cfg: TrainConfig) -> None:
         check_resumable(found, dataclasses.asdict(cfg.model_config()), cfg.resume_from)
 
 
+def check_tokenizer(cfg: TrainConfig, vocab_size: int) -> None:
+    """Refuse early a merges file whose vocabulary is not the model's token embedding size: ids past the
+    embedding would crash the workers, a smaller vocabulary would leave rows never trained."""
+    if not cfg.tokenizer_merges:
+        raise ValueError("tokenizer_merges is required: the OpenAI-layout merges file the model's vocab comes from")
+    tokenizer = Tokenizer(storage.local_file(cfg.tokenizer_merges))
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(
+            f"tokenizer {cfg.tokenizer_merges} has {tokenizer.vocab_size} tokens but model {cfg.model!r} has "
+            f"vocab_size={vocab_size}: set model_overrides={{vocab_size: {tokenizer.vocab_size}}} or use the "
+            "merges file the model was built for"
+        )
+
+
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     check_resume_source(cfg)
     model_config = cfg.model_config()
+    check_tokenizer(cfg, model_config.vocab_size)
     num_rows = count_rows(cfg)
     dataset = build_dataset(cfg, model_config.image_resolution, model_config.context_length)
     resources = {"CPU": cfg.cpus_per_worker}

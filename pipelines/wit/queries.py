@@ -421,6 +421,7 @@ def build_query_list(cfg: QueryConfig) -> pd.DataFrame:
 
 def _build_query_list(cfg: QueryConfig) -> pd.DataFrame:
     import ray
+    from ray.data.expressions import col
 
     started = time.time()
     actor = get_or_create_stats_actor(cfg.stats_actor)
@@ -452,7 +453,7 @@ def _build_query_list(cfg: QueryConfig) -> pd.DataFrame:
         # that pass the PMI test, which is computed in parallel on the workers.
         keep_min = min(cfg.min_word_count, cfg.min_bigram_count)
         unigrams = (
-            counts.filter(expr=f"count >= {int(keep_min)}")
+            counts.filter(expr=col("count") >= int(keep_min))
             .map_batches(_select_kind, fn_kwargs={"bigrams": False}, batch_format="pyarrow")
             .to_pandas()
         )
@@ -460,7 +461,7 @@ def _build_query_list(cfg: QueryConfig) -> pd.DataFrame:
         words = unigrams[unigrams["count"] >= cfg.min_word_count]
         candidates.append(pd.DataFrame({"query": words["key"], "source": "unigram", "score": words["count"]}))
         pmi = (
-            counts.filter(expr=f"count >= {int(cfg.min_bigram_count)}")
+            counts.filter(expr=col("count") >= int(cfg.min_bigram_count))
             .map_batches(_select_kind, fn_kwargs={"bigrams": True}, batch_format="pyarrow")
             .map_batches(
                 BigramPMI,
@@ -494,7 +495,7 @@ def _build_query_list(cfg: QueryConfig) -> pd.DataFrame:
             .groupby("title", num_partitions=cfg.num_partitions)
             .sum("views")
             .rename_columns({"sum(views)": "views"})
-            .filter(expr=f"views >= {int(cfg.min_page_views)}")
+            .filter(expr=col("views") >= int(cfg.min_page_views))
             .to_pandas()
         )
         titles = [_DISAMBIGUATION.sub("", t) for t in views["title"]]
