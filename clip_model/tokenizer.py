@@ -5,8 +5,9 @@ lowercasing, CLIP's pre-tokenisation regex, byte-to-unicode mapping, ``</w>`` en
 ``clip_model/_bpe_reference.py`` is a plain transcription of that code; tests check id equality.
 
 Why this one is fast (same ids, see ``benchmarks/bench_tokenizer.py``):
-- captions that are printable ASCII without ``&`` skip ftfy/HTML unescaping/whitespace collapse, which
-  provably leave such text's tokens unchanged (only the lowercasing matters);
+- captions that are printable ASCII without ``&`` (or NFC text whose other characters are Hebrew, Arabic,
+  kana, CJK, Hangul or emoji) skip ftfy/HTML unescaping/whitespace collapse, which provably leave such
+  text's tokens unchanged (only the lowercasing matters);
 - no pre-tokeniser match contains a space, so a text's ids are the ids of its space-delimited chunks:
   a batch is joined into one string, split on spaces, and each distinct chunk is pre-tokenised and
   BPE-encoded once (chunk -> ids and word -> ids caches);
@@ -21,6 +22,7 @@ import html
 import os
 import re
 import tempfile
+import unicodedata
 import warnings
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -67,10 +69,27 @@ def clean_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+# Scripts no ftfy step can change in NFC text: none is a charmap encoding's character (so no mojibake
+# fix applies), a width/quote/ligature variant, whitespace or a control character. Hebrew, Arabic, kana,
+# CJK ideographs, Hangul syllables, emoji.
+_FTFY_INERT = re.compile(
+    "[^\x20-\x7e\u0591-\u05f4\u060c-\u06ff\u3041-\u30ff\u4e00-\u9fff\uac00-\ud7a3\U0001f300-\U0001faff]"
+)
+
+
 def _fast_clean(text: str) -> str:
     # For printable ASCII without '&', ftfy and html.unescape are the identity and the only whitespace
-    # is ' ', which the pre-tokeniser skips anyway: lowercasing is all that changes the tokens.
-    if text.isascii() and text.isprintable() and "&" not in text:
+    # is ' ', which the pre-tokeniser skips anyway: lowercasing is all that changes the tokens. The same
+    # holds for printable NFC text whose other characters all come from the scripts in _FTFY_INERT.
+    if text.isascii():
+        if text.isprintable() and "&" not in text:
+            return text.lower()
+    elif (
+        "&" not in text
+        and text.isprintable()
+        and _FTFY_INERT.search(text) is None
+        and unicodedata.is_normalized("NFC", text)
+    ):
         return text.lower()
     return clean_text(text)
 

@@ -66,6 +66,24 @@ def random_unicode(n: int, seed: int) -> list[str]:
     return out
 
 
+def script_mix(n: int, seed: int) -> list[str]:
+    """ASCII mixed with the scripts the tokenizer's fast path lets skip ftfy (Hebrew with points, Arabic,
+    kana, CJK, Hangul, emoji), plus a sprinkling of characters that must send a text down the slow path."""
+    rng = random.Random(seed)
+    ranges = [(0x591, 0x5F4), (0x60C, 0x6FF), (0x3041, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0x1F300, 0x1FAFF)]
+    spoilers = ["é", "\u3000", "\u200d", "\ufe0f", "&amp;", "\u05b8\u05bc", "ﬁ", "Ã©", "\u061c", "Ｌ"]
+    out = []
+    for _ in range(n):
+        chars = [
+            chr(rng.randint(*rng.choice(ranges))) if rng.random() < 0.5 else rng.choice(" abcXYZ019.,!'")
+            for _ in range(rng.randint(0, 30))
+        ]
+        if rng.random() < 0.2:
+            chars.insert(rng.randint(0, len(chars)), rng.choice(spoilers))
+        out.append("".join(chars))
+    return out
+
+
 @pytest.fixture(scope="module")
 def merges_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("bpe") / "bpe.txt.gz"
@@ -125,7 +143,7 @@ def test_openai_sized_file_gives_49408_ids(tmp_path):
 
 
 def test_ids_equal_reference_on_varied_corpus(tok, ref):
-    texts = EDGE_CASES + pseudo_captions(300, seed=1, num_words=3000, max_syllables=3) + random_unicode(300, seed=2)
+    texts = EDGE_CASES + pseudo_captions(300, seed=1, num_words=3000, max_syllables=3) + random_unicode(300, seed=2) + script_mix(300, seed=3)
     expected = [ref.encode(t) for t in texts]
     assert tok.encode_batch(texts) == expected
     assert [tok.encode(t) for t in texts] == expected
