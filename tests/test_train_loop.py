@@ -19,6 +19,7 @@ import clip_model
 from clip_model import Tokenizer, create_model, image_transform
 from clip_model.zero_shot import build_zero_shot_classifier, predict
 from pipelines import storage, synthetic
+from pipelines.config import load_config
 from pipelines.shards import write_dataset
 from pipelines.synthetic import Concept, generate, synthetic_shard_samples, to_jpeg
 from pipelines.train.config import TrainConfig
@@ -31,7 +32,7 @@ from pipelines.train.ingest import (
     build_dataset,
     key_hash,
 )
-from pipelines.train.trainer import build_trainer, train
+from pipelines.train.trainer import absolute_paths, build_trainer, train
 
 # Eight colours of one shape: the class is the colour (chance 1/8), a signal a tiny model learns in ~30 steps.
 COLOURS = tuple(synthetic.COLOURS)
@@ -245,6 +246,29 @@ def test_tokenizer_of_another_vocabulary_is_refused_before_training(merges, tmp_
         build_trainer(cfg)
     with pytest.raises(ValueError, match="tokenizer_merges is required"):
         build_trainer(dataclasses.replace(cfg, tokenizer_merges=""))
+
+
+def test_relative_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    # Ray Train workers run in another working directory: a relative path must not reach them.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a {}")
+    cfg = absolute_paths(
+        TrainConfig(tokenizer_merges="m.txt.gz", data_uri="s3://b/shards", zero_shot_data="held",
+                    zero_shot_templates="prompts.txt")  # fmt: skip
+    )
+    assert (cfg.tokenizer_merges, cfg.data_uri) == (str(tmp_path / "m.txt.gz"), "s3://b/shards")
+    assert (cfg.zero_shot_data, cfg.zero_shot_templates) == (str(tmp_path / "held"), str(tmp_path / "prompts.txt"))
+    assert absolute_paths(TrainConfig(zero_shot_templates="default")).zero_shot_templates == "default"
+
+
+@pytest.mark.parametrize("name", ["train_tiny.yaml", "train_vit_b32.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_config(TrainConfig, str(Path(__file__).resolve().parents[1] / "configs" / name))
+    model = cfg.model_config()
+    betas, eps = cfg.adam_betas_eps()
+    assert (betas[1], eps) == ((0.999, 1e-8) if model.is_resnet else (0.98, 1e-6))
+    if name == "train_vit_b32.yaml":
+        assert (model.vocab_size, model.context_length, cfg.use_gpu) == (49408, 77, True)
 
 
 def test_corrupt_jpeg_bytes_helper_sanity():

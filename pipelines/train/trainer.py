@@ -67,7 +67,19 @@ def check_tokenizer(cfg: TrainConfig, vocab_size: int) -> None:
         )
 
 
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """Local paths made absolute on the driver: Ray Train workers run in another working directory."""
+    fields = ("tokenizer_merges", "data_uri", "zero_shot_data", "zero_shot_templates", "resume_from")
+    local = {
+        f: os.path.abspath(v)
+        for f in fields
+        if (v := getattr(cfg, f)) and not storage.is_s3(v) and (f != "zero_shot_templates" or os.path.exists(v))
+    }  # a template set name ("default") stays a name
+    return dataclasses.replace(cfg, **local)
+
+
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
+    cfg = absolute_paths(cfg)
     check_resume_source(cfg)
     model_config = cfg.model_config()
     check_tokenizer(cfg, model_config.vocab_size)
