@@ -77,21 +77,17 @@ _FTFY_INERT = re.compile(
 )
 
 
+def skips_ftfy(text: str) -> bool:
+    """True when ftfy, HTML unescaping and whitespace collapse provably leave the text's tokens unchanged:
+    printable ASCII without '&' (the only whitespace is ' ', which the pre-tokeniser skips), or printable
+    NFC text without '&' whose other characters all come from the scripts in _FTFY_INERT."""
+    if "&" in text or not text.isprintable():
+        return False
+    return text.isascii() or (_FTFY_INERT.search(text) is None and unicodedata.is_normalized("NFC", text))
+
+
 def _fast_clean(text: str) -> str:
-    # For printable ASCII without '&', ftfy and html.unescape are the identity and the only whitespace
-    # is ' ', which the pre-tokeniser skips anyway: lowercasing is all that changes the tokens. The same
-    # holds for printable NFC text whose other characters all come from the scripts in _FTFY_INERT.
-    if text.isascii():
-        if text.isprintable() and "&" not in text:
-            return text.lower()
-    elif (
-        "&" not in text
-        and text.isprintable()
-        and _FTFY_INERT.search(text) is None
-        and unicodedata.is_normalized("NFC", text)
-    ):
-        return text.lower()
-    return clean_text(text)
+    return text.lower() if skips_ftfy(text) else clean_text(text)
 
 
 def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
