@@ -20,7 +20,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from pipelines.local_cluster import LOOPBACK_ENV  # noqa: E402
+
+os.environ.update(LOOPBACK_ENV)  # the benchmark's Ray stays on 127.0.0.1
 
 import ray  # noqa: E402
 

@@ -236,6 +236,31 @@ def test_fp16_openai_export_matches_fp32(trained_run, merges):
             assert F.cosine_similarity(a.float(), b.float()).min() > 0.999
 
 
+def test_checkpoints_to_s3_load_and_resume_from_there(ray_local, s3_server, merges, tmp_path):
+    path, tok = merges
+    write_dataset(list(synthetic_shard_samples(40, seed=3, size=SIZE, concepts=CONCEPTS)), str(tmp_path), 20)
+    runs = storage.join(s3_server.make_bucket("train-runs"), "runs")
+    cfg = TrainConfig(
+        model="tiny-rn", model_overrides={"vocab_size": tok.vocab_size, "image_resolution": SIZE},
+        tokenizer_merges=path, data_uri=str(tmp_path), batch_size=8, max_steps=2, checkpoint_every=1,
+        warmup_steps=1, storage_path=runs, name="first", log_every=1,
+    )  # fmt: skip
+    result = train(cfg)
+    assert result.error is None, result.error
+    checkpoint = "s3://" + result.checkpoint.path.lstrip("/")
+    files = {f.rsplit("/", 1)[1] for f in storage.list_files(checkpoint)}
+    assert {"state.pt", "openai_fp16.pt", "model_config.json", "metrics.csv", "tokenizer.txt.gz"} <= files
+    state_dict = torch.load(io.BytesIO(storage.read_bytes(f"{checkpoint}/openai_fp16.pt")))
+    assert state_dict["visual.conv1.weight"].dtype == torch.float16
+    assert clip_model.load(state_dict).visual.conv1.weight.shape == state_dict["visual.conv1.weight"].shape
+    assert storage.read_bytes(f"{checkpoint}/tokenizer.txt.gz") == Path(path).read_bytes()
+    assert storage.exists(storage.join(runs, "first", "metrics.csv"))
+
+    resumed = train(dataclasses.replace(cfg, name="second", resume_from=checkpoint, max_steps=3))
+    assert resumed.error is None, resumed.error
+    assert resumed.metrics["step"] == 3  # continued from step 2, not from 0
+
+
 def test_tokenizer_of_another_vocabulary_is_refused_before_training(merges, tmp_path):
     path, tok = merges
     cfg = TrainConfig(

@@ -51,6 +51,8 @@ class ResumeMismatchError(ValueError):
 
 
 def check_resumable(checkpoint_model_config: dict, model_config: dict, where: str = "") -> None:
+    # Compared as JSON values: model_config.json holds lists where the dataclass holds tuples.
+    checkpoint_model_config, model_config = json.loads(json.dumps([checkpoint_model_config, model_config]))
     if checkpoint_model_config != model_config:
         diff = {
             k: (checkpoint_model_config.get(k), model_config.get(k))
@@ -128,6 +130,13 @@ class DataPosition:
         return np.concatenate([self.trained_hashes, self.bad_hashes])
 
 
+def _checkpoint(uri: str) -> ray.train.Checkpoint:
+    if storage.is_s3(uri):
+        fs, path = storage.resolve(uri)
+        return ray.train.Checkpoint(path, filesystem=fs)
+    return ray.train.Checkpoint(uri)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = from_dict(TrainConfig, loop_config["config"])
     total_steps, num_rows = loop_config["total_steps"], loop_config["num_rows"]
@@ -141,7 +150,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     clip.set_grad_checkpointing(cfg.grad_checkpointing)
     step, position, epochs_done, metrics_rows, nonfinite = 0, DataPosition(), [], [], 0
     state = None
-    checkpoint = ray.train.get_checkpoint()
+    # After a failure Ray Train hands back this run's latest checkpoint; a new run may start from resume_from.
+    checkpoint = ray.train.get_checkpoint() or (_checkpoint(cfg.resume_from) if cfg.resume_from else None)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)

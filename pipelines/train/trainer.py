@@ -108,15 +108,7 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
         datasets={"train": dataset},
-        resume_from_checkpoint=_checkpoint(cfg.resume_from) if cfg.resume_from else None,
     )
-
-
-def _checkpoint(uri: str) -> ray.train.Checkpoint:
-    if storage.is_s3(uri):
-        fs, path = storage.resolve(uri)
-        return ray.train.Checkpoint(path, filesystem=fs)
-    return ray.train.Checkpoint(os.path.abspath(uri))
 
 
 def train(cfg: TrainConfig) -> ray.train.Result:

@@ -241,12 +241,11 @@ def _curate(cfg: CurationConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import ray
-
     from pipelines.config import parse_args
+    from pipelines.ray_connect import connect
 
     cfg = parse_args(CurationConfig, argv, description="Curate WIT candidates before download (Ray Data).")
-    ray.init()
+    connect()
     stats = curate(cfg)
     print(f"{stats['num_curated']} curated pairs -> {cfg.output} ({stats['seconds']} s)")
 
