@@ -5,9 +5,9 @@ lowercasing, CLIP's pre-tokenisation regex, byte-to-unicode mapping, ``</w>`` en
 ``clip_model/_bpe_reference.py`` is a plain transcription of that code; tests check id equality.
 
 Why this one is fast (same ids, see ``benchmarks/bench_tokenizer.py``):
-- captions that are printable ASCII without ``&`` (or NFC text whose other characters are Hebrew, Arabic,
-  kana, CJK, Hangul or emoji) skip ftfy/HTML unescaping/whitespace collapse, which provably leave such
-  text's tokens unchanged (only the lowercasing matters);
+- captions for which ftfy/HTML unescaping/whitespace collapse provably leave the tokens unchanged skip them
+  (``skips_ftfy``: printable ASCII without ``&``, or printable NFC text without ``&`` that ftfy's own tables
+  and mojibake test leave alone); only the lowercasing matters then;
 - no pre-tokeniser match contains a space, so a text's ids are the ids of its space-delimited chunks:
   a batch is joined into one string, split on spaces, and each distinct chunk is pre-tokenised and
   BPE-encoded once (chunk -> ids and word -> ids caches);
@@ -32,6 +32,7 @@ import ftfy
 import numpy as np
 import regex
 import torch
+from ftfy.badness import is_bad
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -69,21 +70,34 @@ def clean_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-# Scripts no ftfy step can change in NFC text: none is a charmap encoding's character (so no mojibake
-# fix applies), a width/quote/ligature variant, whitespace or a control character. Hebrew, Arabic, kana,
-# CJK ideographs, Hangul syllables, emoji.
-_FTFY_INERT = re.compile(
-    "[^\x20-\x7e\u0591-\u05f4\u060c-\u06ff\u3041-\u30ff\u4e00-\u9fff\uac00-\ud7a3\U0001f300-\U0001faff]"
-)
+def _ftfy_touched_chars() -> frozenset[str]:
+    """Every character a fixer after ftfy's mojibake step may change (ligatures, full/half width, curly quotes,
+    control characters), read from ftfy's own tables."""
+    from ftfy import chardata
+
+    codes = set(chardata.LIGATURES) | set(chardata.WIDTH_MAP) | set(chardata.CONTROL_CHARS)
+    quotes = {
+        chr(c)
+        for c in range(0x10000)
+        if chardata.SINGLE_QUOTE_RE.match(chr(c)) or chardata.DOUBLE_QUOTE_RE.match(chr(c))
+    }
+    return frozenset(map(chr, codes)) | quotes
+
+
+_FTFY_TOUCHED = _ftfy_touched_chars()
 
 
 def skips_ftfy(text: str) -> bool:
-    """True when ftfy, HTML unescaping and whitespace collapse provably leave the text's tokens unchanged:
-    printable ASCII without '&' (the only whitespace is ' ', which the pre-tokeniser skips), or printable
-    NFC text without '&' whose other characters all come from the scripts in _FTFY_INERT."""
+    """True when OpenAI's clean-up (ftfy, HTML unescaping, whitespace collapse) provably leaves the text's
+    tokens unchanged, so lowercasing is all that matters: no '&' (HTML), printable (no control, line-break
+    or non-space whitespace character: the only whitespace is ' ', which the pre-tokeniser skips), and, past
+    ASCII, NFC, no character any later ftfy fixer changes, and no mojibake by ftfy's own test (`is_bad`),
+    which is exactly the gate of ftfy's encoding fix."""
     if "&" in text or not text.isprintable():
         return False
-    return text.isascii() or (_FTFY_INERT.search(text) is None and unicodedata.is_normalized("NFC", text))
+    return text.isascii() or (
+        _FTFY_TOUCHED.isdisjoint(text) and unicodedata.is_normalized("NFC", text) and not is_bad(text)
+    )
 
 
 def _fast_clean(text: str) -> str:
