@@ -7,6 +7,7 @@ Writes go to a temporary name first and are then moved, so a reader never sees h
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -69,9 +70,10 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+@functools.lru_cache(maxsize=64)
 def local_file(uri: str) -> str:
-    """A local path holding the file at `uri`: the path itself, or a temp copy of an s3:// object
-    (for readers that only take paths, e.g. the tokenizer's merges file on every worker)."""
+    """A local path holding the file at `uri`: the path itself, or a temp copy of an s3:// object, made
+    once per process (for readers that only take paths, e.g. the tokenizer's merges file on every worker)."""
     if not is_s3(uri):
         return os.fspath(uri)
     suffix = "".join(Path(uri).suffixes[-2:])

@@ -33,6 +33,7 @@ from pipelines.train.ingest import (
     key_hash,
 )
 from pipelines.train.trainer import absolute_paths, build_trainer, train
+from pipelines.train.zero_shot_check import ZeroShotCheck
 
 # Eight colours of one shape: the class is the colour (chance 1/8), a signal a tiny model learns in ~30 steps.
 COLOURS = tuple(synthetic.COLOURS)
@@ -234,6 +235,18 @@ def test_fp16_openai_export_matches_fp32(trained_run, merges):
             (fp16.encode_text(tokens), fp32.encode_text(tokens)),
         ):
             assert F.cosine_similarity(a.float(), b.float()).min() > 0.999
+
+
+def test_zero_shot_check_skips_unreadable_images_and_counts_them(merges, tmp_path):
+    _, tok = merges
+    for i, sample in enumerate(generate(6, seed=4, size=SIZE, concepts=CONCEPTS[:2], variety=False)):
+        (tmp_path / sample.concept.colour).mkdir(exist_ok=True)
+        sample.image.save(tmp_path / sample.concept.colour / f"{i}.png")
+    (tmp_path / CONCEPTS[0].colour / "broken.png").write_bytes(b"not an image")
+    check = ZeroShotCheck(str(tmp_path), tok, SIZE, "photo")
+    assert check.skipped == 1 and len(check.labels) == 6
+    model = create_model("tiny-rn", vocab_size=tok.vocab_size, image_resolution=SIZE).train()
+    assert 0.0 <= check(model, torch.device("cpu")) <= 1.0 and model.training  # mode restored
 
 
 def test_checkpoints_to_s3_load_and_resume_from_there(ray_local, s3_server, merges, tmp_path):

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import ray.train
@@ -174,12 +175,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scaler.load_state_dict(state["scaler"])
     max_log_scale = math.log(cfg.max_logit_scale)
     shard = ray.train.get_dataset_shard("train")
-    merges = storage.read_bytes(cfg.tokenizer_merges) if rank == 0 else b""
+    merges_path = storage.local_file(cfg.tokenizer_merges) if rank == 0 else ""
+    merges = Path(merges_path).read_bytes() if rank == 0 else b""  # copied into every checkpoint
     zero_shot = None
     if cfg.zero_shot_data and rank == 0:
-        tokenizer = Tokenizer(storage.local_file(cfg.tokenizer_merges), context_length=model_config.context_length)
+        tokenizer = Tokenizer(merges_path, context_length=model_config.context_length)
         zero_shot = ZeroShotCheck(cfg.zero_shot_data, tokenizer, model_config.image_resolution,
                                   cfg.zero_shot_templates, cfg.zero_shot_limit_per_class)  # fmt: skip
+        if zero_shot.skipped:
+            log.warning("zero-shot check: %d unreadable image(s) in %s skipped", zero_shot.skipped, cfg.zero_shot_data)
 
     def save(metrics: dict, epoch_summary: Callable[[DataPosition], dict] | None = None) -> DataPosition:
         """Gather the data position from every worker and report a checkpoint (written by rank 0).

@@ -62,7 +62,7 @@ def check_tokenizer(cfg: TrainConfig, vocab_size: int) -> None:
     if tokenizer.vocab_size != vocab_size:
         raise ValueError(
             f"tokenizer {cfg.tokenizer_merges} has {tokenizer.vocab_size} tokens but model {cfg.model!r} has "
-            f"vocab_size={vocab_size}: set model_overrides={{vocab_size: {tokenizer.vocab_size}}} or use the "
+            f"vocab_size={vocab_size}: set model_overrides.vocab_size={tokenizer.vocab_size} or use the "
             "merges file the model was built for"
         )
 

@@ -1,18 +1,20 @@
 """Zero-shot accuracy on a held-out labelled image folder, measured during training (rank 0 only).
 
-The images are decoded and transformed once; each check embeds them with the current weights, builds the
+The images are decoded and transformed once (unreadable ones are skipped and counted in `skipped`); each check embeds them with the current weights, builds the
 prompt-ensemble classifier from the class names and returns top-1 accuracy. Small by design (a few hundred
 images): it is a learning signal in metrics.csv, not the evaluation job.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from PIL import Image
 
 from clip_model import Tokenizer, image_transform
 from clip_model.zero_shot import build_zero_shot_classifier, get_templates, predict
 from pipelines.evaluation.data import image_folder
+from pipelines.evaluation.embed import decode_image
 
 
 class ZeroShotCheck:
@@ -27,9 +29,13 @@ class ZeroShotCheck:
     ):
         eval_set = image_folder(folder, limit_per_class=limit_per_class)
         transform = image_transform(image_size)
-        units = eval_set.units
-        self.images = torch.stack([transform(Image.open(u["path"])) for u in units])
-        self.labels = torch.tensor([u["label"] for u in units])
+        decoded = [(decode_image(Path(u["path"]).read_bytes()), u["label"]) for u in eval_set.units]
+        usable = [(transform(image), label) for image, label in decoded if image is not None]
+        if not usable:
+            raise ValueError(f"zero_shot_data {folder}: none of its {len(decoded)} images can be read")
+        self.skipped = len(decoded) - len(usable)
+        self.images = torch.stack([image for image, _ in usable])
+        self.labels = torch.tensor([label for _, label in usable])
         self.class_names = eval_set.class_names
         self.templates = get_templates(templates)
         self.tokenizer = tokenizer
