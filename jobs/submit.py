@@ -7,6 +7,9 @@
 - The repository is shipped as the working dir without virtualenvs, git data and run folders, which would
   otherwise blow Ray's upload limit.
 
+Where every node already has the project on disk (a container image, a shared filesystem), pass
+`--working-dir local:///path/to/project`: Ray then uses that directory in place and uploads nothing.
+
 The address is the cluster's dashboard (job API): `--address`, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS
 when it is an http URL, else http://127.0.0.1:8265 (what `ray dashboard cluster/aws.yaml` forwards).
 Exits with 0 when the job succeeds, 1 when it fails or is stopped, 2 when the cluster cannot be reached.
@@ -147,7 +150,7 @@ def run_job(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default=None, help=f"job API URL (default {DEFAULT_ADDRESS})")
-    parser.add_argument("--working-dir", default=str(ROOT))
+    parser.add_argument("--working-dir", default=str(ROOT), help="folder to upload, or local:///path on every node")
     parser.add_argument("--runtime-env-json", default=None, help="extra runtime_env fields as JSON")
     parser.add_argument("--timeout", type=float, default=24 * 3600.0)
     parser.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- python jobs/<job>.py ...")

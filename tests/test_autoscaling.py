@@ -187,7 +187,10 @@ def test_crawl_scales_crawl_nodes_up_then_down_and_no_gpu_node(fake_cluster, htt
     ]  # fmt: skip
     assert [n for n in fake_cluster.nodes() if not n.is_head_node] == []
 
-    client, job_id = submit_job(fake_cluster.dashboard_url, entrypoint, ROOT)
+    # Fake nodes share this machine's disk, and each node's runtime-env agent re-extracts an uploaded working
+    # dir in place (deleting it under the workers of nodes that started earlier: getcwd() then fails). On one
+    # shared disk the checkout itself is the working dir on every node, which is what `local://` means.
+    client, job_id = submit_job(fake_cluster.dashboard_url, entrypoint, f"local://{ROOT}")
     seen: dict[str, dict] = {}  # node id -> resources while it was alive
     deadline = time.monotonic() + 240
     status = None
