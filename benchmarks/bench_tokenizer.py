@@ -6,7 +6,7 @@ batched ``clip_model.Tokenizer``, on the same captions, checking that the ids ar
 
 Timings are the best of --repeats runs, each on a fresh tokenizer (cold word caches); "warm" re-runs each
 tokenizer after one pass over the same captions (the steady state of a long job). Each fast row is compared
-with the reference in the same cache state.
+with the reference in the same cache state; the four runs take turns, so machine noise hits them alike.
 """
 
 from __future__ import annotations
@@ -22,17 +22,20 @@ from clip_model.tokenizer import Tokenizer, skips_ftfy
 from pipelines.synthetic import pseudo_captions
 
 
-def _best_seconds(make, run, repeats: int) -> tuple[object, float, float]:
-    """(result, CPU seconds, wall seconds) of the fastest of ``repeats`` runs, each on a fresh object
-    from ``make``. CPU time (all threads of this process) is the fair measure on a shared machine."""
-    best_cpu, best_wall, result = float("inf"), float("inf"), None
+def _best_seconds(cases: dict[str, tuple], repeats: int) -> dict[str, tuple[object, float, float]]:
+    """name -> (result, CPU seconds, wall seconds) of the fastest of ``repeats`` runs of each case
+    ``(make, run)``, each run on a fresh object from ``make``. The cases take turns, so a slow spell of a
+    shared machine hits all of them alike. CPU time (all threads of this process) is the fair measure."""
+    best = {name: [None, float("inf"), float("inf")] for name in cases}
     for _ in range(repeats):
-        obj = make()
-        c0, t0 = time.process_time(), time.perf_counter()
-        result = run(obj)
-        best_cpu = min(best_cpu, time.process_time() - c0)
-        best_wall = min(best_wall, time.perf_counter() - t0)
-    return result, best_cpu, best_wall
+        for name, (make, run) in cases.items():
+            obj = make()
+            c0, t0 = time.process_time(), time.perf_counter()
+            result = run(obj)
+            cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+            entry = best[name]
+            entry[0], entry[1], entry[2] = result, min(entry[1], cpu), min(entry[2], wall)
+    return {name: tuple(entry) for name, entry in best.items()}
 
 
 def _peak_bytes(fn) -> int:
@@ -60,12 +63,19 @@ def bench(name: str, merges_path: str, captions: list[str], batch_size: int, rep
         ref.tokenize(captions)
         return ref
 
-    ref_rows, ref_s, ref_wall = _best_seconds(
-        lambda: ReferenceTokenizer(merges_path), lambda r: r.tokenize(captions), repeats
+    timed = _best_seconds(
+        {
+            "ref cold": (lambda: ReferenceTokenizer(merges_path), lambda r: r.tokenize(captions)),
+            "fast cold": (lambda: Tokenizer(merges_path), fast_run),
+            "ref warm": (warm_reference, lambda r: r.tokenize(captions)),
+            "fast warm": (warm_tokenizer, fast_run),
+        },
+        repeats,
     )
-    _, ref_warm_s, ref_warm_wall = _best_seconds(warm_reference, lambda r: r.tokenize(captions), repeats)
-    fast_rows, fast_s, fast_wall = _best_seconds(lambda: Tokenizer(merges_path), fast_run, repeats)
-    _, warm_s, warm_wall = _best_seconds(warm_tokenizer, fast_run, repeats)
+    ref_rows, ref_s, ref_wall = timed["ref cold"]
+    fast_rows, fast_s, fast_wall = timed["fast cold"]
+    _, ref_warm_s, ref_warm_wall = timed["ref warm"]
+    _, warm_s, warm_wall = timed["fast warm"]
     fast_list = [row for t in fast_rows for row in t.tolist()]
     if fast_list != ref_rows:
         bad = next(i for i, (a, b) in enumerate(zip(fast_list, ref_rows)) if a != b)
@@ -105,7 +115,7 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=20000)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3, help="best of N timings")
+    parser.add_argument("--repeats", type=int, default=5, help="best of N timings")
     parser.add_argument("--merges", help="OpenAI-layout merges file, e.g. bpe_simple_vocab_16e6.txt.gz")
     args = parser.parse_args()
 

@@ -32,7 +32,7 @@ import ftfy
 import numpy as np
 import regex
 import torch
-from ftfy.badness import is_bad
+from ftfy.badness import BADNESS_RE, is_bad
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -40,6 +40,11 @@ EOW = "</w>"
 # OpenAI uses lines 1 .. 49152-256-2 of bpe_simple_vocab_16e6.txt.gz (after the header line).
 OPENAI_NUM_MERGES = 49152 - 256 - 2
 _PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# The same alternatives over printable ASCII, where \p{L} is [a-z], \p{N} is [0-9] and case folding stays in ASCII.
+_ASCII_PATTERN = re.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+""",
+    re.IGNORECASE | re.ASCII,
+)
 _SEP = "\x00"  # separates texts in a batch; texts whose cleaned form holds it take the per-text path
 _SEP_ID = -1
 _ID = np.dtype(np.int32)  # cached ids are packed int32 bytes
@@ -87,6 +92,63 @@ def _ftfy_touched_chars() -> frozenset[str]:
 _FTFY_TOUCHED = _ftfy_touched_chars()
 
 
+def _item_needs_non_ascii(op, av) -> bool | None:
+    """Whether one item of a parsed `re` pattern only matches when it consumes a non-ASCII character
+    (False when unsure); None for items whose effect on a windowed search is not known (end anchors,
+    word boundaries, groups, lookarounds: they may see past a window's end)."""
+    from re import _constants as c
+
+    if op is c.LITERAL:
+        return av >= 128
+    if op is c.NOT_LITERAL or op is c.ANY:
+        return False
+    if op is c.IN:  # every alternative must be a non-ASCII literal or range
+        return all(
+            (item_op is c.LITERAL and item_av >= 128) or (item_op is c.RANGE and item_av[0] >= 128)
+            for item_op, item_av in av
+        )
+    if op is c.AT and av in (c.AT_BEGINNING, c.AT_BEGINNING_STRING):  # search(pos=) keeps the real start
+        return False
+    if op in (c.MAX_REPEAT, c.MIN_REPEAT) and len(av[2]) == 1:
+        lo, _, [(item_op, item_av)] = av
+        inner = _item_needs_non_ascii(item_op, item_av)
+        return None if inner is None else bool(lo) and inner
+    return None
+
+
+def mojibake_window(pattern: re.Pattern) -> int | None:
+    """Longest match of `pattern` when every match provably holds a non-ASCII character (each branch is a
+    run of single-character items, one of which matches only non-ASCII), else None."""
+    from re import _constants as c
+    from re import _parser
+
+    if pattern.flags & re.IGNORECASE:  # case folding maps some non-ASCII letters to ASCII ones
+        return None
+    tree = _parser.parse(pattern.pattern, pattern.flags)
+    branches = tree.data[0][1][1] if len(tree.data) == 1 and tree.data[0][0] is c.BRANCH else [tree]
+    for branch in branches:
+        needs = [_item_needs_non_ascii(op, av) for op, av in branch]
+        if None in needs or not any(needs):
+            return None
+    width = tree.getwidth()[1]
+    return width if width <= 64 else None
+
+
+_MOJIBAKE_WINDOW = mojibake_window(BADNESS_RE)
+_NON_ASCII_RUNS = re.compile(r"[^\x00-\x7f]+")
+
+
+def looks_like_mojibake(text: str) -> bool:
+    """ftfy's `is_bad(text)`, searched only near non-ASCII characters: every match holds one (checked on ftfy's
+    regex at import) and none is longer than the window, so the answer is the same, several times faster."""
+    if _MOJIBAKE_WINDOW is None:
+        return is_bad(text)
+    search, reach = BADNESS_RE.search, _MOJIBAKE_WINDOW - 1
+    return any(
+        search(text, max(0, m.start() - reach), m.end() + reach) for m in _NON_ASCII_RUNS.finditer(text)
+    )
+
+
 def skips_ftfy(text: str) -> bool:
     """True when OpenAI's clean-up (ftfy, HTML unescaping, whitespace collapse) provably leaves the text's
     tokens unchanged, so lowercasing is all that matters: no '&' (HTML), printable (no control, line-break
@@ -96,7 +158,9 @@ def skips_ftfy(text: str) -> bool:
     if "&" in text or not text.isprintable():
         return False
     return text.isascii() or (
-        _FTFY_TOUCHED.isdisjoint(text) and unicodedata.is_normalized("NFC", text) and not is_bad(text)
+        _FTFY_TOUCHED.isdisjoint(text)
+        and unicodedata.is_normalized("NFC", text)
+        and not looks_like_mojibake(text)
     )
 
 
@@ -222,24 +286,40 @@ class Tokenizer:
 
     # --- BPE on cache misses, batched into HF tokenizers' Rust BPE (same merge order as OpenAI's) ---
     def _bpe_many(self, words: Sequence[str]) -> list[bytes]:
-        byte_words = ["".join(map(self.byte_encoder.__getitem__, w.encode("utf-8"))) for w in words]
-        enc = self._hf.encode(byte_words, is_pretokenized=True, add_special_tokens=False)
-        ids, word_of_id = np.array(enc.ids, dtype=_ID), np.array(enc.word_ids, dtype=np.int64)
-        parts = np.split(ids, np.flatnonzero(np.diff(word_of_id)) + 1)
-        assert len(parts) == len(words), (len(parts), len(words))
-        return [p.tobytes() for p in parts]
+        tokenize = self._hf.model.tokenize
+        byte_encoder = self.byte_encoder
+        # bytes_to_unicode maps printable ASCII to itself, and words hold no space.
+        tokens = [
+            tokenize(
+                w if w.isascii() and w.isprintable() else "".join(map(byte_encoder.__getitem__, w.encode()))
+            )
+            for w in words
+        ]
+        packed = np.array([t.id for ts in tokens for t in ts], dtype=_ID).tobytes()
+        ends = np.cumsum([len(ts) * _ID.itemsize for ts in tokens]).tolist()
+        return [packed[start:end] for start, end in zip([0, *ends], ends)]
 
     def _learn(self, chunks: Iterable[str]) -> None:
         """Fill both caches for every chunk not cached yet, with one BPE call for all new words."""
         missing = set(chunks).difference(self._chunks)
         if not missing:
             return
-        words_of = {c: self._pattern.findall(c) for c in missing}
-        new_words = list(set(chain.from_iterable(words_of.values())).difference(self._words))
-        if new_words:
-            self._words.add(dict(zip(new_words, self._bpe_many(new_words))))
+        plain, split = [], []  # chunks that are one pre-tokeniser word (ASCII letters), and the others
+        for c in missing:
+            (plain if c.isascii() and c.isalpha() else split).append(c)
+        words_of = [self._pretokenize(c) for c in split]
+        new_words = [*plain, *set(chain.from_iterable(words_of)).difference(self._words).difference(plain)]
+        ids = self._bpe_many(new_words)
+        self._words.add(dict(zip(new_words, ids)))
+        self._chunks.add(dict(zip(plain, ids)))
         words = self._words  # __getitem__ recomputes a word if add() just reset the cache
-        self._chunks.add({c: b"".join(map(words.__getitem__, ws)) for c, ws in words_of.items()})
+        self._chunks.add({c: b"".join(map(words.__getitem__, ws)) for c, ws in zip(split, words_of)})
+
+    def _pretokenize(self, chunk: str) -> list[str]:
+        # Printable ASCII: the stdlib pattern finds the same words as CLIP's Unicode one, 2-3x faster.
+        if chunk.isascii() and chunk.isprintable():
+            return _ASCII_PATTERN.findall(chunk)
+        return self._pattern.findall(chunk)
 
     # --- encoding ---
     def encode(self, text: str) -> list[int]:
@@ -248,11 +328,14 @@ class Tokenizer:
         return np.frombuffer(b"".join(map(self._words.__getitem__, words)), dtype=_ID).tolist()
 
     def _chunk_ids(self, chunk: str) -> bytes:
-        return b"".join(map(self._words.__getitem__, self._pattern.findall(chunk)))
+        return b"".join(map(self._words.__getitem__, self._pretokenize(chunk)))
 
     def _flat_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """(ids of all texts concatenated, row index of each id, rows that need the per-text path)."""
-        pieces = [_fast_clean(t) for t in texts]
+        # The common case inlined (printable ASCII without '&': only lowercasing matters, see skips_ftfy).
+        pieces = [
+            t.lower() if t.isascii() and "&" not in t and t.isprintable() else _fast_clean(t) for t in texts
+        ]
         odd = [i for i, p in enumerate(pieces) if _SEP in p]  # a NUL survived cleaning: no batch separator
         for i in odd:
             pieces[i] = ""

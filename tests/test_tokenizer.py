@@ -234,3 +234,75 @@ def test_train_small_corpus_warns_and_reports_real_size(tmp_path):
     assert 0 < n_merges < 5000 - 514
     assert small.vocab_size == 514 + n_merges and small.eot_token == small.vocab_size - 1
     assert small.encode("a cat") == [small.encoder["a</w>"], small.encoder["cat</w>"]]
+
+
+def mojibake_corpus(n: int, seed: int) -> list[str]:
+    """Real mojibake (UTF-8 text decoded as cp1252 / latin-1 / macroman / cp1251, once or twice) mixed
+    with clean text and with characters drawn from ftfy's own mojibake classes, ASCII around them."""
+    from ftfy.badness import MOJIBAKE_CATEGORIES
+
+    rng = random.Random(seed)
+    clean = ["café", "naïve", "straße", "Ångström", "“quoted”", "€5", "½", "東京", "привет", "مرحبا", "😀", "x²"]
+    suspicious = "".join(MOJIBAKE_CATEGORIES.values())
+    # Short texts first, where one match decides the answer (a window too small shows up there).
+    pool = suspicious + "ÃÂØÙ " * 20 + "aZ(). 1"
+    out = ["".join(rng.choice(pool) for _ in range(rng.randint(1, 8))) for _ in range(n)]
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 6)):
+            r = rng.random()
+            word = rng.choice(clean)
+            if r < 0.3:
+                for _ in range(rng.randint(1, 2)):
+                    word = word.encode("utf-8").decode(rng.choice(["cp1252", "latin-1", "mac_roman", "cp1251"]), "replace")
+            elif r < 0.6:
+                word = "".join(rng.choice(suspicious) for _ in range(rng.randint(1, 4)))
+            parts.append(word)
+            parts.append(rng.choice([" ", "", "a", "A(", ") ", "\n", " x ", "1", "-"]))
+        out.append("".join(parts))
+    return out
+
+
+def test_windowed_mojibake_check_equals_ftfy():
+    from ftfy.badness import is_bad
+
+    from clip_model import tokenizer
+
+    assert tokenizer._MOJIBAKE_WINDOW is not None, "ftfy's regex no longer passes the proof: fast path off"
+    texts = mojibake_corpus(4000, seed=0) + random_unicode(2000, seed=3) + EDGE_CASES
+    answers = [is_bad(t) for t in texts]
+    assert 0.2 < sum(answers) / len(answers) < 0.8  # both answers well represented
+    assert [tokenizer.looks_like_mojibake(t) for t in texts] == answers
+
+
+@pytest.mark.parametrize(
+    "pattern, window",
+    [
+        (r"[é][a-z]|x?[à-ÿ]{2}", 3),
+        (r"[é]\b", None),  # a word boundary may look past the window
+        (r"[é]$", None),
+        (r"[a-z][b-c]", None),  # matches all-ASCII text
+        (r"[^a][é]", 2),
+        (r"(é)x", None),
+        (r"é", 1),
+    ],
+)
+def test_mojibake_window_proof(pattern, window):
+    import re
+
+    from clip_model.tokenizer import mojibake_window
+
+    assert mojibake_window(re.compile(pattern)) == window
+    assert mojibake_window(re.compile(pattern, re.IGNORECASE)) is None
+
+
+def test_ascii_pretokenizer_equals_clip_pattern():
+    import regex
+
+    from clip_model.tokenizer import _ASCII_PATTERN, _PATTERN
+
+    clip = regex.compile(_PATTERN, regex.IGNORECASE)
+    rng = random.Random(5)
+    alphabet = [chr(c) for c in range(0x21, 0x7F)] + ["'s", "'T", "'re", "'LL", "<|startoftext|>", "<|ENDOFTEXT|>"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(20000)]
+    assert [_ASCII_PATTERN.findall(t) for t in texts] == [clip.findall(t) for t in texts]
