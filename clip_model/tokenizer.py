@@ -71,7 +71,11 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def clean_text(text: str) -> str:
     """OpenAI's normalisation: ftfy, HTML unescaping twice, whitespace collapse, lowercasing."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return _after_ftfy(ftfy.fix_text(text))
+
+
+def _after_ftfy(text: str) -> str:
+    text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
@@ -92,33 +96,39 @@ def _ftfy_touched_chars() -> frozenset[str]:
 _FTFY_TOUCHED = _ftfy_touched_chars()
 
 
-def _item_needs_non_ascii(op, av) -> bool | None:
-    """Whether one item of a parsed `re` pattern only matches when it consumes a non-ASCII character
-    (False when unsure); None for items whose effect on a windowed search is not known (end anchors,
-    word boundaries, groups, lookarounds: they may see past a window's end)."""
+def _anchor_ranges(op, av) -> list[tuple[int, int]] | None:
+    """The code-point ranges of the character one item of a parsed `re` pattern must consume, when all are
+    non-ASCII; None when the item can match (or skip) without such a character. Raises ValueError for items
+    a windowed search may get wrong (end anchors, word boundaries, groups, lookarounds see past a window)."""
     from re import _constants as c
 
     if op is c.LITERAL:
-        return av >= 128
+        return [(av, av)] if av >= 128 else None
     if op is c.NOT_LITERAL or op is c.ANY:
-        return False
-    if op is c.IN:  # every alternative must be a non-ASCII literal or range
-        return all(
-            (item_op is c.LITERAL and item_av >= 128) or (item_op is c.RANGE and item_av[0] >= 128)
-            for item_op, item_av in av
-        )
+        return None
+    if op is c.IN:
+        ranges = []
+        for item_op, item_av in av:
+            if item_op is c.LITERAL and item_av >= 128:
+                ranges.append((item_av, item_av))
+            elif item_op is c.RANGE and item_av[0] >= 128:
+                ranges.append(item_av)
+            else:  # an ASCII character, a negation or a category (\s, \w): not an anchor
+                return None
+        return ranges
     if op is c.AT and av in (c.AT_BEGINNING, c.AT_BEGINNING_STRING):  # search(pos=) keeps the real start
-        return False
+        return None
     if op in (c.MAX_REPEAT, c.MIN_REPEAT) and len(av[2]) == 1:
         lo, _, [(item_op, item_av)] = av
-        inner = _item_needs_non_ascii(item_op, item_av)
-        return None if inner is None else bool(lo) and inner
-    return None
+        inner = _anchor_ranges(item_op, item_av)
+        return inner if lo else None
+    raise ValueError(f"no windowed search through {op}")
 
 
-def mojibake_window(pattern: re.Pattern) -> int | None:
-    """Longest match of `pattern` when every match provably holds a non-ASCII character (each branch is a
-    run of single-character items, one of which matches only non-ASCII), else None."""
+def mojibake_anchors(pattern: re.Pattern) -> tuple[int, re.Pattern] | None:
+    """(longest match, a class of anchor characters) when every match of `pattern` provably holds an anchor
+    (each branch is a run of single-character items, one of which only matches non-ASCII characters; those
+    are its anchors), else None. A text then matches iff it matches within the longest match of an anchor."""
     from re import _constants as c
     from re import _parser
 
@@ -126,27 +136,33 @@ def mojibake_window(pattern: re.Pattern) -> int | None:
         return None
     tree = _parser.parse(pattern.pattern, pattern.flags)
     branches = tree.data[0][1][1] if len(tree.data) == 1 and tree.data[0][0] is c.BRANCH else [tree]
+    anchors: set[tuple[int, int]] = set()
     for branch in branches:
-        needs = [_item_needs_non_ascii(op, av) for op, av in branch]
-        if None in needs or not any(needs):
+        try:
+            candidates = [r for op, av in branch if (r := _anchor_ranges(op, av)) is not None]
+        except ValueError:
             return None
+        if not candidates:  # this branch can match all-ASCII text
+            return None
+        anchors.update(min(candidates, key=lambda ranges: sum(hi - lo + 1 for lo, hi in ranges)))
     width = tree.getwidth()[1]
-    return width if width <= 64 else None
+    if width > 64:
+        return None
+    char_class = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in sorted(anchors))
+    return width, re.compile(f"[{char_class}]")
 
 
-_MOJIBAKE_WINDOW = mojibake_window(BADNESS_RE)
-_NON_ASCII_RUNS = re.compile(r"[^\x00-\x7f]+")
+_MOJIBAKE_ANCHORS = mojibake_anchors(BADNESS_RE)
 
 
 def looks_like_mojibake(text: str) -> bool:
-    """ftfy's `is_bad(text)`, searched only near non-ASCII characters: every match holds one (checked on ftfy's
-    regex at import) and none is longer than the window, so the answer is the same, several times faster."""
-    if _MOJIBAKE_WINDOW is None:
+    """ftfy's `is_bad(text)`, searched only around the characters every one of its matches holds (found in
+    ftfy's regex at import): the same answer, several times faster, and at once for most non-ASCII text."""
+    if _MOJIBAKE_ANCHORS is None:
         return is_bad(text)
-    search, reach = BADNESS_RE.search, _MOJIBAKE_WINDOW - 1
-    return any(
-        search(text, max(0, m.start() - reach), m.end() + reach) for m in _NON_ASCII_RUNS.finditer(text)
-    )
+    width, anchors = _MOJIBAKE_ANCHORS
+    search, reach = BADNESS_RE.search, width - 1
+    return any(search(text, max(0, m.start() - reach), m.end() + reach) for m in anchors.finditer(text))
 
 
 def skips_ftfy(text: str) -> bool:
@@ -164,8 +180,31 @@ def skips_ftfy(text: str) -> bool:
     )
 
 
+def _fix_printable_ascii(text: str) -> str | None:
+    """`ftfy.fix_text(text)` for printable ASCII text, or None where this shortcut does not know it. Of ftfy's
+    fixers only HTML unescaping changes such text (the others act on non-ASCII or control characters);
+    ftfy repeats its fixers to a fixed point, and unescapes only text without '<'."""
+    from ftfy.fixes import unescape_html
+
+    if len(text) >= 1_000_000:  # ftfy fixes longer text in segments
+        return None
+    if "<" in text:  # looks like markup: ftfy leaves its entities alone
+        return text
+    while (fixed := unescape_html(text)) != text:
+        if not (fixed.isascii() and fixed.isprintable()):  # an entity gave a character other fixers may touch
+            return None
+        text = fixed
+    return text
+
+
 def _fast_clean(text: str) -> str:
-    return text.lower() if skips_ftfy(text) else clean_text(text)
+    if skips_ftfy(text):
+        return text.lower()
+    if text.isascii() and text.isprintable():  # with '&': maybe HTML entities
+        fixed = _fix_printable_ascii(text)
+        if fixed is not None:
+            return _after_ftfy(fixed)
+    return clean_text(text)
 
 
 def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:

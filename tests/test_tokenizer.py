@@ -268,7 +268,7 @@ def test_windowed_mojibake_check_equals_ftfy():
 
     from clip_model import tokenizer
 
-    assert tokenizer._MOJIBAKE_WINDOW is not None, "ftfy's regex no longer passes the proof: fast path off"
+    assert tokenizer._MOJIBAKE_ANCHORS is not None, "ftfy's regex no longer passes the proof: fast path off"
     texts = mojibake_corpus(4000, seed=0) + random_unicode(2000, seed=3) + EDGE_CASES
     answers = [is_bad(t) for t in texts]
     assert 0.2 < sum(answers) / len(answers) < 0.8  # both answers well represented
@@ -276,24 +276,32 @@ def test_windowed_mojibake_check_equals_ftfy():
 
 
 @pytest.mark.parametrize(
-    "pattern, window",
+    "pattern, window, anchors",
     [
-        (r"[é][a-z]|x?[à-ÿ]{2}", 3),
-        (r"[é]\b", None),  # a word boundary may look past the window
-        (r"[é]$", None),
-        (r"[a-z][b-c]", None),  # matches all-ASCII text
-        (r"[^a][é]", 2),
-        (r"(é)x", None),
-        (r"é", 1),
+        (r"[é][a-z]|x?[à-ÿ]{2}", 3, "é" + "".join(map(chr, range(ord("à"), ord("ÿ") + 1)))),
+        (r"[éè]\s[ü]", 3, "ü"),  # the branch's smallest anchor set
+        (r"^[é] ", 2, "é"),
+        (r"[é]\b", None, ""),  # a word boundary may look past the window
+        (r"[é]$", None, ""),
+        (r"[a-z][b-c]", None, ""),  # matches all-ASCII text
+        (r"[^a][é]", 2, "é"),
+        (r"(é)x", None, ""),
+        (r"é", 1, "é"),
     ],
 )
-def test_mojibake_window_proof(pattern, window):
+def test_mojibake_anchors_proof(pattern, window, anchors):
     import re
 
-    from clip_model.tokenizer import mojibake_window
+    from clip_model.tokenizer import mojibake_anchors
 
-    assert mojibake_window(re.compile(pattern)) == window
-    assert mojibake_window(re.compile(pattern, re.IGNORECASE)) is None
+    found = mojibake_anchors(re.compile(pattern))
+    if window is None:
+        assert found is None
+    else:
+        assert found[0] == window
+        latin1 = [chr(c) for c in range(0x100)]
+        assert [c for c in latin1 if found[1].match(c)] == sorted(set(anchors))
+    assert mojibake_anchors(re.compile(pattern, re.IGNORECASE)) is None
 
 
 def test_ascii_pretokenizer_equals_clip_pattern():
@@ -306,3 +314,25 @@ def test_ascii_pretokenizer_equals_clip_pattern():
     alphabet = [chr(c) for c in range(0x21, 0x7F)] + ["'s", "'T", "'re", "'LL", "<|startoftext|>", "<|ENDOFTEXT|>"]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(20000)]
     assert [_ASCII_PATTERN.findall(t) for t in texts] == [clip.findall(t) for t in texts]
+
+
+def test_printable_ascii_shortcut_equals_ftfy():
+    """ASCII captions with '&' skip ftfy's full pipeline; every entity mix must still clean like OpenAI's."""
+    import regex
+
+    from clip_model.tokenizer import _PATTERN, _fast_clean, _fix_printable_ascii
+
+    rng = random.Random(11)
+    pieces = [
+        "cats", "Dogs", " ", "&", "AT&T", "&amp;", "&amp;amp;", "&amp;amp;amp;amp;", "&amp;lt;b&amp;gt;", "&lt;", "<b>",
+        "&#39;", "&#x27;", "&quot;", "&EACUTE;", "&eacute;", "&Eacute;", "&nbsp;", "&#10;", "&#233;", "&copy",
+        "&copy;", "&not", "this&not that", "&#xC3;&#xA9;", "&Atilde;&copy;", "&#0;", "&#x1F600;", "&#128512;",
+        "&bogus;", "&#;", "&#x;", "&amp", "&AMP;", "&LT;", "&zwj;", "&shy;", "&#x2028;", "&#13;", "&#9;",
+    ]  # fmt: skip
+    ascii_out = pieces[:15]  # mostly entities that decode to ASCII
+    texts = [
+        "".join(rng.choice(pieces if i % 2 else ascii_out) for _ in range(rng.randint(1, 8))) for i in range(4000)
+    ]
+    assert sum(_fix_printable_ascii(t) is None for t in texts) < len(texts) / 2  # the shortcut does apply
+    words = regex.compile(_PATTERN, regex.IGNORECASE).findall  # the invariant: the same pre-tokenised words
+    assert [words(_fast_clean(t)) for t in texts] == [words(clean_text(t)) for t in texts]
