@@ -7,10 +7,13 @@ lowercasing, CLIP's pre-tokenisation regex, byte-to-unicode mapping, ``</w>`` en
 Why this one is fast (same ids, see ``benchmarks/bench_tokenizer.py``):
 - captions for which ftfy/HTML unescaping/whitespace collapse provably leave the tokens unchanged skip them
   (``skips_ftfy``: printable ASCII without ``&``, or printable NFC text without ``&`` that ftfy's own tables
-  and mojibake test leave alone); only the lowercasing matters then;
+  and mojibake test leave alone); only the lowercasing matters then. ftfy's mojibake test is searched only
+  around the characters each of its matches must hold, and printable ASCII with HTML entities only runs
+  ftfy's entity unescaping (all ftfy can change there);
 - no pre-tokeniser match contains a space, so a text's ids are the ids of its space-delimited chunks:
   a batch is joined into one string, split on spaces, and each distinct chunk is pre-tokenised and
-  BPE-encoded once (chunk -> ids and word -> ids caches);
+  BPE-encoded once (chunk -> ids and word -> ids caches; printable-ASCII chunks by an equivalent stdlib
+  pattern, new words by the Rust BPE of HF ``tokenizers`` with OpenAI's merge order);
 - cached ids are packed int32 bytes, so a batch's ids are one ``bytes.join`` (no Python int per id),
   and rows are padded and truncated with vectorised numpy.
 """
@@ -542,7 +545,9 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, str):
         return [texts]
     texts = list(texts)
+    if set(map(type, texts)) <= {str}:  # the common case, checked without a Python-level loop
+        return texts
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"text {i} is {type(t).__name__}, expected str: {t!r:.80}")
-    return texts
+    return texts  # str subclasses
