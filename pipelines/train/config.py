@@ -21,11 +21,11 @@ class TrainConfig:
     data_format: Literal["webdataset", "parquet"] = "webdataset"
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0 = off)
     prefetch_batches: int = 2
-    # Ray Data CPUs: on a small machine the read tasks and decode actors must fit in what the training
+    # Ray Data CPUs: on a small machine the read and decode tasks must fit in what the training
     # workers leave free, or the pipeline waits forever (e.g. 2 CPUs: 2 x 0.5 workers + 0.5 + 0.5).
     read_cpus: float = 0.5  # per shard-read task
-    decode_workers: int = 1  # PrepareBatch actors (decode + augment + tokenize)
-    decode_cpus: float = 0.5  # CPUs per decode actor
+    decode_workers: int = 1  # concurrent prepare_batch tasks (decode + augment + tokenize)
+    decode_cpus: float = 0.5  # CPUs per decode task
     decode_batch_size: int = 64
 
     # Batch and length. The global contrastive batch is batch_size * num_workers; with accum_steps > 1
