@@ -14,23 +14,18 @@ import argparse
 import os
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from pipelines.local_cluster import LOOPBACK_ENV  # noqa: E402
+from _ray_setup import small_tokenizer, start_ray  # first: the repository on sys.path, Ray on 127.0.0.1
 
-os.environ.update(LOOPBACK_ENV)  # the benchmark's Ray stays on 127.0.0.1
+# isort: split
+import ray
+import ray.data
 
-import ray  # noqa: E402
-import ray.data  # noqa: E402
-
-from clip_model import Tokenizer  # noqa: E402
-from pipelines.shards import write_dataset  # noqa: E402
-from pipelines.synthetic import generate, synthetic_shard_samples  # noqa: E402
-from pipelines.train import ingest  # noqa: E402
+from pipelines.shards import write_dataset
+from pipelines.synthetic import synthetic_shard_samples
+from pipelines.train import ingest
 
 SIZE = 64
 
@@ -66,16 +61,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": ROOT}},
-    )
+    start_ray(num_cpus=2)
     ray.data.DataContext.get_current().enable_progress_bars = False
     with tempfile.TemporaryDirectory() as root:
-        merges = os.path.join(root, "merges.txt.gz")
-        Tokenizer.train([s.caption for s in generate(500, seed=1, size=32)], 800, merges)
+        merges, _ = small_tokenizer(root)
         data = os.path.join(root, "shards")
         write_dataset(
             synthetic_shard_samples(args.samples, seed=0, size=SIZE), data, 128, formats=("webdataset",)

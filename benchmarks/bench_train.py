@@ -14,23 +14,19 @@ import argparse
 import csv
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from pipelines.local_cluster import LOOPBACK_ENV  # noqa: E402
+from _ray_setup import small_tokenizer, start_ray  # first: the repository on sys.path, Ray on 127.0.0.1
 
-os.environ.update(LOOPBACK_ENV)  # the benchmark's Ray stays on 127.0.0.1
+# isort: split
+import ray
 
-import ray  # noqa: E402
-
-from clip_model import Tokenizer, get_config  # noqa: E402
-from pipelines.shards import write_dataset  # noqa: E402
-from pipelines.synthetic import generate, synthetic_shard_samples  # noqa: E402
-from pipelines.train.config import TrainConfig  # noqa: E402
-from pipelines.train.trainer import train  # noqa: E402
+from clip_model import get_config
+from pipelines.shards import write_dataset
+from pipelines.synthetic import synthetic_shard_samples
+from pipelines.train.config import TrainConfig
+from pipelines.train.trainer import train
 
 DEFAULTS = {"tiny-vit": {"batch": 32, "overrides": {}}, "ViT-B/32": {"batch": 4, "overrides": {}}}
 
@@ -77,15 +73,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(DEFAULTS))
     parser.add_argument("--steps", type=int, default=6)
     args = parser.parse_args()
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": ROOT}},
-    )
+    start_ray(num_cpus=4)
     with tempfile.TemporaryDirectory() as root:
-        merges = os.path.join(root, "merges.txt.gz")
-        vocab = Tokenizer.train([s.caption for s in generate(500, seed=1, size=32)], 800, merges).vocab_size
+        merges, vocab = small_tokenizer(root)
         results = [
             bench(m, root, merges, vocab, args.steps, DEFAULTS.get(m, {"batch": 8})["batch"])
             for m in args.models
