@@ -74,6 +74,20 @@ def test_prepare_batch_decodes_and_flags_bad_rows(merges):
     assert out["key_hash"][0] == key_hash(samples[0]["key"]) and len(set(out["key_hash"])) == 4
 
 
+def test_prepare_batch_task_builds_its_stage_once_per_process(merges):
+    from pipelines.train import ingest
+
+    path, _ = merges
+    samples = list(synthetic_shard_samples(3, seed=2, size=SIZE, concepts=CONCEPTS))
+    batch = {k: np.array([s[k] for s in samples], dtype=object) for k in ("key", "jpg", "txt")}
+    ingest._cached_stage.cache_clear()
+    first = ingest.prepare_batch(batch, SIZE, path)
+    second = ingest.prepare_batch(batch, SIZE, path)
+    info = ingest._cached_stage.cache_info()
+    assert (info.misses, info.hits) == (1, 1)  # the tokenizer and transform survive into the next task
+    assert first["status"].tolist() == [OK] * 3 and np.array_equal(first["tokens"], second["tokens"])
+
+
 class _FakeShard:
     """Stands in for a Ray DataIterator: yields the given batches from iter_torch_batches."""
 
