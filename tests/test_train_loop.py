@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import io
 import math
 from pathlib import Path
@@ -261,6 +262,19 @@ def test_zero_shot_check_skips_unreadable_images_and_counts_them(merges, tmp_pat
     assert check.skipped == 1 and len(check.labels) == 6
     model = create_model("tiny-rn", vocab_size=tok.vocab_size, image_resolution=SIZE).train()
     assert 0.0 <= check(model, torch.device("cpu")) <= 1.0 and model.training  # mode restored
+
+
+def test_checkpoint_tokenizer_is_gzipped_whatever_the_merges_file(merges, tmp_path):
+    from pipelines.evaluation.embed import load_tokenizer
+    from pipelines.train.loop import merges_for_checkpoint
+
+    path, tok = merges
+    assert merges_for_checkpoint(path) == Path(path).read_bytes()  # already gzipped: copied as it is
+    plain = tmp_path / "bpe.txt"
+    plain.write_bytes(gzip.decompress(Path(path).read_bytes()))
+    stored = tmp_path / "tokenizer.txt.gz"
+    stored.write_bytes(merges_for_checkpoint(str(plain)))
+    assert load_tokenizer(str(stored)).encode("a red circle") == tok.encode("a red circle")
 
 
 def test_checkpoints_to_s3_load_and_resume_from_there(ray_local, s3_server, merges, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import gzip
 import io
 import json
 import logging
@@ -131,6 +132,12 @@ class DataPosition:
         return np.concatenate([self.trained_hashes, self.bad_hashes])
 
 
+def merges_for_checkpoint(path: str) -> bytes:
+    """The merges file as the checkpoint's tokenizer.txt.gz: a gzipped file as it is, a plain one gzipped."""
+    data = Path(path).read_bytes()
+    return data if data[:2] == b"\x1f\x8b" else gzip.compress(data, mtime=0)
+
+
 def _checkpoint(uri: str) -> ray.train.Checkpoint:
     if storage.is_s3(uri):
         fs, path = storage.resolve(uri)
@@ -175,8 +182,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scaler.load_state_dict(state["scaler"])
     max_log_scale = math.log(cfg.max_logit_scale)
     shard = ray.train.get_dataset_shard("train")
-    merges_path = storage.local_file(cfg.tokenizer_merges) if rank == 0 else ""
-    merges = Path(merges_path).read_bytes() if rank == 0 else b""  # copied into every checkpoint
+    merges_path = storage.local_file(cfg.tokenizer_merges) if rank == 0 else None
+    merges = merges_for_checkpoint(merges_path) if merges_path else b""  # copied into every checkpoint
     zero_shot = None
     if cfg.zero_shot_data and rank == 0:
         tokenizer = Tokenizer(merges_path, context_length=model_config.context_length)

@@ -1,8 +1,9 @@
 """Zero-shot accuracy on a held-out labelled image folder, measured during training (rank 0 only).
 
-The images are decoded and transformed once (unreadable ones are skipped and counted in `skipped`); each check embeds them with the current weights, builds the
-prompt-ensemble classifier from the class names and returns top-1 accuracy. Small by design (a few hundred
-images): it is a learning signal in metrics.csv, not the evaluation job.
+The images are decoded and transformed once (unreadable ones are skipped and counted in `skipped`); each
+check embeds them with the current weights, builds the prompt-ensemble classifier from the class names and
+returns top-1 accuracy. Small by design (a few hundred images): it is a learning signal in metrics.csv, not
+the evaluation job.
 """
 
 from __future__ import annotations
