@@ -50,6 +50,15 @@ def gather_features(features: torch.Tensor) -> tuple[torch.Tensor, int]:
     return _GatherWithGrad.apply(features), rank * features.shape[0]
 
 
+def loss_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The precision the loss is computed in: the callers' own (float64 stays float64), at least float32
+    (half-precision logits and log-softmax lose too much; autocast outputs are upcast as before)."""
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def clip_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
 ) -> torch.Tensor:
@@ -57,25 +66,27 @@ def clip_loss(
 
     Args:
         image_features: ``[b, d]`` image embeddings of this rank's local batch, **unnormalised**
-            (they are L2-normalised here, in float32).
+            (they are L2-normalised here, in float32, or float64 when given float64).
         text_features: ``[b, d]`` text embeddings; row ``i`` is the caption of image ``i``.
         logit_scale: the multiplier applied to the cosine similarities, i.e. ``model.logit_scale.exp()``
             (not the log-parameter itself).
 
     Returns:
-        The mean over this rank's ``b`` rows of ``(CE(image -> texts) + CE(text -> images)) / 2``.
+        The mean over this rank's ``b`` rows of ``(CE(image -> texts) + CE(text -> images)) / 2``, in the
+        features' precision (float64 stays float64; float16/bfloat16 are computed in float32).
         When a process group is initialised the negatives are the whole global batch (features are
         all-gathered; every rank must pass the same ``b``) and the mean of the ranks' losses is the loss of
         the global batch; without torch.distributed it is the plain single-process loss.
     """
     if image_features.shape != text_features.shape:
         raise ValueError(f"image/text feature shapes differ: {image_features.shape} vs {text_features.shape}")
-    image_features = F.normalize(image_features.float(), dim=-1)
-    text_features = F.normalize(text_features.float(), dim=-1)
+    dtype = loss_dtype(image_features.dtype, text_features.dtype)
+    image_features = F.normalize(image_features.to(dtype), dim=-1)
+    text_features = F.normalize(text_features.to(dtype), dim=-1)
     all_images, offset = gather_features(image_features)
     all_texts, _ = gather_features(text_features)
     if isinstance(logit_scale, torch.Tensor):
-        logit_scale = logit_scale.float()
+        logit_scale = logit_scale.to(dtype)
     logits_per_image = logit_scale * image_features @ all_texts.t()  # [b, B]: local rows only
     logits_per_text = logit_scale * text_features @ all_images.t()  # [b, B]
     labels = torch.arange(image_features.shape[0], device=image_features.device) + offset

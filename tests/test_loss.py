@@ -102,3 +102,44 @@ def test_single_process_matches_reference_formula():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shapes differ"):
         clip_loss(torch.randn(4, 8), torch.randn(3, 8), 1.0)
+
+
+def _reference_loss_float64(img, txt, scale):
+    """The paper's pseudo-code in numpy float64 (no torch): an oracle independent of clip_loss."""
+    import numpy as np
+
+    i = img / np.linalg.norm(img, axis=1, keepdims=True)
+    t = txt / np.linalg.norm(txt, axis=1, keepdims=True)
+    logits = scale * i @ t.T
+
+    def ce(rows):
+        rows = rows - rows.max(axis=1, keepdims=True)
+        log_softmax = rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
+        return -np.diag(log_softmax).mean()
+
+    return (ce(logits) + ce(logits.T)) / 2
+
+
+def test_float64_features_keep_float64_precision():
+    g = torch.Generator().manual_seed(5)
+    img = torch.randn(7, 33, generator=g, dtype=torch.float64)
+    txt = torch.randn(7, 33, generator=g, dtype=torch.float64)
+    scale = torch.tensor(100.0 / 3, dtype=torch.float64)
+    loss = clip_loss(img, txt, scale)
+    assert loss.dtype == torch.float64
+    expected = _reference_loss_float64(img.numpy(), txt.numpy(), scale.item())
+    # float32 arithmetic is ~1e-7 away from the float64 reference; float64 agrees to ~1e-15.
+    assert abs(loss.item() - expected) < 1e-12
+    assert abs(clip_loss(img, txt, scale.item()).item() - expected) < 1e-12
+
+
+def test_half_precision_is_computed_in_float32():
+    g = torch.Generator().manual_seed(6)
+    img, txt = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+    for dtype in (torch.float16, torch.bfloat16):
+        loss = clip_loss(img.to(dtype), txt.to(dtype), torch.tensor(20.0, dtype=dtype))
+        assert loss.dtype == torch.float32
+        expected = clip_loss(
+            img.to(dtype).float(), txt.to(dtype).float(), torch.tensor(20.0, dtype=dtype).float()
+        )
+        torch.testing.assert_close(loss, expected)
