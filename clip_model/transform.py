@@ -1,8 +1,19 @@
 """Image preprocessing without torchvision: PIL image -> normalised float tensor [3, H, W].
 
-Evaluation: bicubic resize of the short side to `image_size`, centre crop (what OpenAI's `clip.load`
-returns; the sizes and crop offsets follow torchvision's Resize/CenterCrop on PIL images exactly).
-Training: a random square crop (the paper's only augmentation), resized bicubically to `image_size`.
+Evaluation: by default exactly OpenAI's `clip.load` preprocess (and open_clip's): bicubic resize of the
+short side to `image_size` and centre crop *in the image's own mode*, then `convert("RGB")`, ToTensor,
+Normalize. Sizes and crop offsets follow torchvision's Resize/CenterCrop on PIL images; Pillow's own resize
+rules apply per mode (nearest for P, premultiplied alpha for LA/RGBA), and `convert("RGB")` drops alpha and
+clips 16-bit values, as OpenAI's does. Training: a random square crop (the paper's only augmentation),
+resized bicubically to `image_size`, in the same order.
+
+`background=(r, g, b)` is the explicit alternative: `to_rgb` first (alpha composited onto that colour,
+16-bit scaled to 8 bits), then resize and crop. The project composites where an image is *stored*: the
+crawl flattens transparent images onto white before writing its JPEGs (a JPEG has no alpha, and white is
+what a browser shows behind a transparent web image), so the training data and the stored shards are RGB
+already and both orders give the same result on them. Evaluation keeps OpenAI's order so that scores with
+OpenAI's weights match theirs; pass `background` to evaluate a model on transparent images the way it was
+trained on them.
 """
 
 from __future__ import annotations
@@ -70,6 +81,17 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = _WHITE) -> Ima
         raise ValueError(f"cannot convert a PIL image of mode {mode!r} to RGB: {e}") from e
 
 
+def convert_rgb(image: Image.Image) -> Image.Image:
+    """OpenAI's `_convert_image_to_rgb` (`image.convert("RGB")`); modes Pillow cannot convert directly
+    (La, which no file opens as) go through `to_rgb`."""
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except ValueError:
+        return to_rgb(image)
+
+
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     """(width, height) with the short side scaled to `size` (long side truncated, as torchvision)."""
     if width <= height:
@@ -93,7 +115,8 @@ def to_tensor(image: Image.Image, mean=OPENAI_MEAN, std=OPENAI_STD) -> torch.Ten
 class ImageTransform:
     """Callable PIL image -> tensor [3, image_size, image_size]. With `train=True` each call draws a random
     square crop: side sqrt(U(scale)) of the short side, uniform position. The draws come from a
-    generator seeded by `seed`, so a transform built with the same seed yields the same sequence."""
+    generator seeded by `seed`, so a transform built with the same seed yields the same sequence.
+    `background=None` converts to RGB after resizing (OpenAI's order); a colour composites first."""
 
     def __init__(
         self,
@@ -103,6 +126,7 @@ class ImageTransform:
         scale: tuple[float, float] = (0.9, 1.0),
         mean: tuple[float, float, float] = OPENAI_MEAN,
         std: tuple[float, float, float] = OPENAI_STD,
+        background: tuple[int, int, int] | None = None,
     ):
         if image_size < 1:
             raise ValueError(f"image_size must be positive, got {image_size}")
@@ -113,10 +137,12 @@ class ImageTransform:
         self.scale = scale
         self.mean = mean
         self.std = std
+        self.background = background
         self.rng = random.Random(seed)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = to_rgb(image)
+        if self.background is not None:
+            image = to_rgb(image, self.background)
         if self.train:
             image = self._random_square_crop(image)
         else:
@@ -124,7 +150,7 @@ class ImageTransform:
             if (width, height) != image.size:
                 image = image.resize((width, height), _BICUBIC)
             image = image.crop(center_crop_box(width, height, self.image_size))
-        return to_tensor(image, self.mean, self.std)
+        return to_tensor(convert_rgb(image), self.mean, self.std)
 
     def _random_square_crop(self, image: Image.Image) -> Image.Image:
         width, height = image.size
@@ -139,12 +165,14 @@ class ImageTransform:
 
     def __repr__(self) -> str:
         kind = f"train, scale={self.scale}" if self.train else "eval"
-        return f"ImageTransform(image_size={self.image_size}, {kind})"
+        alpha = "" if self.background is None else f", background={self.background}"
+        return f"ImageTransform(image_size={self.image_size}, {kind}{alpha})"
 
 
 def image_transform(
     image_size: int, train: bool = False, seed: int | None = None, **kwargs
 ) -> ImageTransform:
     """The preprocessing for `image_size`-pixel models: eval (resize + centre crop) or train (random
-    square crop), both normalised with CLIP's mean/std. See `ImageTransform` for `scale`, `mean`, `std`."""
+    square crop), both normalised with CLIP's mean/std. See `ImageTransform` for `scale`, `mean`, `std`
+    and `background` (alpha compositing before resizing instead of OpenAI's convert after cropping)."""
     return ImageTransform(image_size, train=train, seed=seed, **kwargs)

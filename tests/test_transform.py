@@ -171,11 +171,100 @@ def test_every_pil_mode_converts_to_rgb(label, make, rgb):
     converted = to_rgb(image)
     assert converted.mode == "RGB" and converted.size == image.size
     np.testing.assert_allclose(np.asarray(converted)[0, 0], rgb, atol=2)
-    out = clip_model.image_transform(8)(image)
+    out = clip_model.image_transform(8, background=(255, 255, 255))(image)
     assert out.shape == (3, 8, 8) and out.dtype == torch.float32
     np.testing.assert_allclose(unnormalise(out)[0, 0], rgb, atol=2.01)
+    default = clip_model.image_transform(8)(image)  # OpenAI's order: every mode still gives RGB pixels
+    assert default.shape == (3, 8, 8) and torch.isfinite(default).all()
 
 
 def test_transparency_composites_on_the_chosen_background():
     image = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
     assert to_rgb(image, background=(0, 0, 0)).getpixel((0, 0)) == (0, 0, 0)
+
+
+def openai_preprocess(image: Image.Image, n_px: int) -> torch.Tensor:
+    """A transcription of OpenAI's `clip._transform(n_px)` with torchvision's PIL code paths inlined:
+    Compose([Resize(n_px, BICUBIC), CenterCrop(n_px), _convert_image_to_rgb, ToTensor(), Normalize(...)])."""
+    # Resize: torchvision.transforms.functional.resize -> _compute_resized_output_size -> F_pil.resize.
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = n_px, int(n_px * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if [h, w] != [new_h, new_w]:  # torchvision returns the input itself when the size is unchanged
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    # CenterCrop: functional.center_crop (no padding is needed after Resize) -> F_pil.crop.
+    w, h = image.size
+    crop_top = int(round((h - n_px) / 2.0))
+    crop_left = int(round((w - n_px) / 2.0))
+    image = image.crop((crop_left, crop_top, crop_left + n_px, crop_top + n_px))
+    # _convert_image_to_rgb.
+    image = image.convert("RGB")
+    # ToTensor: uint8 HWC -> CHW, to the default float dtype, / 255.
+    tensor = torch.from_numpy(np.array(image, np.uint8, copy=True)).view(n_px, n_px, 3)
+    tensor = tensor.permute((2, 0, 1)).contiguous().to(dtype=torch.float32).div(255)
+    # Normalize: in place sub_/div_ with float32 mean/std of shape [3, 1, 1].
+    mean = torch.as_tensor(OPENAI_MEAN, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.as_tensor(OPENAI_STD, dtype=torch.float32).view(-1, 1, 1)
+    return tensor.sub_(mean).div_(std)
+
+
+def _noise(shape, high=256, dtype=np.uint8, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, high, shape, dtype=dtype)
+
+
+def _reopened(image: Image.Image, fmt: str) -> Image.Image:
+    """Saved and opened again, as a file of that format arrives from disk."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    reopened = Image.open(io.BytesIO(buffer.getvalue()))
+    reopened.load()
+    return reopened
+
+
+def _palette(transparent: bool) -> Image.Image:
+    image = Image.fromarray(_noise((30, 45), high=16, seed=3), "P")
+    image.putpalette(list(_noise(16 * 3, seed=4)))
+    if transparent:
+        image.info["transparency"] = 5
+    return _reopened(image, "PNG")
+
+
+def _rgba_with_holes() -> Image.Image:
+    array = _noise((30, 45, 4), seed=5)
+    array[::3, :, 3] = 0  # fully transparent rows whose hidden colour differs from any background
+    return _reopened(Image.fromarray(array, "RGBA"), "PNG")
+
+
+OPENAI_CASES = {
+    "RGB": lambda: Image.fromarray(_noise((30, 45, 3))),
+    "L": lambda: Image.fromarray(_noise((45, 30), seed=1)),
+    "LA": lambda: _reopened(Image.fromarray(_noise((30, 45, 2), seed=2), "LA"), "PNG"),
+    "RGBA": _rgba_with_holes,
+    "P": lambda: _palette(False),
+    "P transparency": lambda: _palette(True),
+    "CMYK": lambda: _reopened(Image.fromarray(_noise((30, 45, 4), seed=6), "CMYK"), "TIFF"),
+    "I;16": lambda: _reopened(Image.fromarray(_noise((30, 45), 700, np.uint16, seed=7)), "TIFF"),
+    "RGB square, no resize": lambda: Image.fromarray(_noise((16, 16, 3), seed=8)),
+    "RGB upscaled": lambda: Image.fromarray(_noise((9, 12, 3), seed=9)),
+}
+
+
+@pytest.mark.parametrize("label", list(OPENAI_CASES))
+def test_eval_transform_equals_openai_preprocess_for_every_mode(label):
+    image = OPENAI_CASES[label]()
+    assert image.mode == label.split()[0]
+    expected = openai_preprocess(image.copy(), 16)
+    torch.testing.assert_close(clip_model.image_transform(16)(image), expected, rtol=0, atol=1e-6)
+
+
+def test_compositing_before_resizing_is_an_explicit_option():
+    image = _rgba_with_holes()
+    openai = clip_model.image_transform(16)(image)
+    white = clip_model.image_transform(16, background=(255, 255, 255))(image)
+    assert (openai - white).abs().max() > 1.0  # the two orders differ where pixels are transparent
+    expected = openai_preprocess(to_rgb(image, (255, 255, 255)), 16)
+    torch.testing.assert_close(white, expected, rtol=0, atol=1e-6)
+    assert "background" in repr(clip_model.image_transform(16, background=(0, 0, 0)))
