@@ -23,7 +23,9 @@ from typing import Any
 
 from pipelines import shards, storage
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Files an image folder's classes are made of. SVG is listed so that a vector image is a counted drop
+# (`vector_image`, see embed.decode_checked) rather than silently absent from the totals.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".svg")
 
 
 class EvalDataError(ValueError):

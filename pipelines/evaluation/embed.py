@@ -4,7 +4,8 @@
 path calls them directly, the Ray path hands them to `map_batches` as an actor pool (one GPU per actor
 when the cluster has GPUs), so both paths compute the same thing. Results are sorted by record id, so the
 two paths also return the same order. Unreadable images are kept as rows with `ok=False` by the embedder
-and counted as `unreadable_image` drops by `embed_eval_set`.
+and a drop reason (`decode_checked`: empty, truncated, bomb, SVG, unreadable, unsupported mode), counted by
+reason by `embed_eval_set`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .data import EvalSet, expand_unit
 
@@ -101,16 +103,62 @@ def _as_model(model_source, device: torch.device):
     return load_model(model_source, device) if isinstance(model_source, str | os.PathLike) else model_source
 
 
-def decode_image(data: bytes) -> Image.Image | None:
-    """RGB image, or None when the bytes are not a readable image."""
+# Images over this many pixels are dropped before decoding (a small file can declare a huge canvas).
+MAX_IMAGE_PIXELS = 64_000_000
+
+# Drop reasons of `decode_checked`; `unreadable_image` is anything else Pillow cannot decode.
+DECODE_REASONS = (
+    "empty_image",
+    "vector_image",
+    "image_too_large",
+    "truncated_image",
+    "unreadable_image",
+    "unsupported_image_mode",
+)
+
+
+def _looks_like_svg(data: bytes) -> bool:
+    head = data[:1024].lstrip().lower()
+    return head.startswith((b"<?xml", b"<svg", b"<!doctype svg")) and b"<svg" in data[:4096].lower()
+
+
+def decode_checked(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[Image.Image | None, str | None]:
+    """(image in its own mode, None) or (None, drop reason). Never raises on bad bytes: truncated files,
+    decompression bombs, SVG, zero bytes and anything Pillow fails on become a reason from DECODE_REASONS.
+    The mode is kept so that the transform converts after resizing, as OpenAI's preprocess does."""
     if not data:
-        return None
+        return None, "empty_image"
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it; both are bombs here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.width * image.height > max_pixels:
+                return None, "image_too_large"
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, "image_too_large"
+    except UnidentifiedImageError:
+        return None, "vector_image" if _looks_like_svg(data) else "unreadable_image"
+    except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, struct.error, EOFError, ...
+        return None, "truncated_image" if "truncated" in str(e).lower() else "unreadable_image"
+    return image, None
+
+
+def decode_image(data: bytes) -> Image.Image | None:
+    """The decoded image in its own mode, or None when the bytes are not a usable image."""
+    return decode_checked(data)[0]
+
+
+def prepare_image(data: bytes, transform) -> tuple[torch.Tensor | None, str | None]:
+    """(pixels, None) or (None, drop reason): decoding and the transform, neither of which may end a batch."""
+    image, reason = decode_checked(data)
+    if image is None:
+        return None, reason
+    try:
+        return transform(image), None
+    except (ValueError, OSError, TypeError):  # a mode or an image no conversion handles
+        return None, "unsupported_image_mode"
 
 
 class ImageEmbedder:
@@ -128,20 +176,19 @@ class ImageEmbedder:
 
     @torch.no_grad()
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = [decode_image(bytes(b)) for b in batch["jpg"]]
-        ok = np.array([im is not None for im in images], dtype=bool)
-        features = None
+        prepared = [prepare_image(bytes(b), self.transform) for b in batch["jpg"]]
+        ok = np.array([pixels is not None for pixels, _ in prepared], dtype=bool)
+        reasons = np.array([reason or "" for _, reason in prepared], dtype=object)
         if ok.any():
-            pixels = torch.stack([self.transform(im) for im in images if im is not None]).to(self.device)
+            pixels = torch.stack([p for p, _ in prepared if p is not None]).to(self.device)
             with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
                 feats = self.model.encode_image(pixels).float().cpu().numpy()
-            features = np.zeros((len(images), feats.shape[1]), dtype=np.float32)
+            features = np.zeros((len(prepared), feats.shape[1]), dtype=np.float32)
             features[ok] = feats
         else:
-            dim = _embed_dim(self.model)
-            features = np.zeros((len(images), dim), dtype=np.float32)
+            features = np.zeros((len(prepared), _embed_dim(self.model)), dtype=np.float32)
         out = {k: np.asarray(v) for k, v in batch.items() if k != "jpg"}
-        out.update(features=features, ok=ok)
+        out.update(features=features, ok=ok, reason=reasons)
         return out
 
 
@@ -338,9 +385,10 @@ def embed_eval_set(
     rows = sorted(_run_images(eval_set, model_source, opts, image_size, use_ray), key=lambda r: str(r["id"]))
     dropped = dict(eval_set.dropped)
     n_in = len(rows) + sum(eval_set.dropped.values())
-    bad = [r for r in rows if not bool(r["ok"])]
-    if bad:
-        dropped["unreadable_image"] = len(bad)
+    for r in rows:
+        if not bool(r["ok"]):
+            reason = str(r.get("reason") or "unreadable_image")
+            dropped[reason] = dropped.get(reason, 0) + 1
     unlabelled = [r for r in rows if bool(r["ok"]) and "label" in r and int(r["label"]) < 0]
     if unlabelled:
         dropped["unknown_label"] = len(unlabelled)
