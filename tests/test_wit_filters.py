@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pyarrow as pa
 import pytest
 
-from pipelines.wit.filters import FilterConfig, TextFilter, dedupe, is_auto_generated_name
+from pipelines.wit.filters import FilterConfig, TextFilter, count_words, dedupe, is_auto_generated_name
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +62,16 @@ def test_english_kept_other_languages_dropped(text_filter):
         "image (2)",
         "Screenshot 2020",
         "Canon EOS 5D, 50mm, f/1.8, 1/200s, ISO 100",
+        "_MG_1234",
+        "IMG_E1234",
+        "GH010034",
+        "WhatsApp Image 2021-03-04 at 10.22.33",
+        "Screen Shot 2019-04-12 at 3.45.21 PM",
+        "Bildschirmfoto 2021-09-01 um 12.30.44",
+        "Image 1 of 12",
+        "tumblr_n8xk2oQ1Zv1qz6f9yo1_500",
+        "Untitled design",
+        "No image available",
     ],
 )
 def test_auto_generated_captions(text_filter, caption):
@@ -121,3 +134,59 @@ def test_dedupe_exact_and_order_independent():
     ]
     reversed_out, _ = dedupe(table.take(list(range(5, -1, -1))))
     assert reversed_out.equals(out)
+
+
+LABELLED = Path(__file__).parent / "data" / "captions_labelled.jsonl"
+
+
+def test_labelled_real_world_captions_precision_and_recall(text_filter):
+    """454 hand-labelled alt-text-style captions (labels written for what a WIT curator wants, see
+    tests/data/README.md), each with a neutral URL so the file name cannot help."""
+    rows = [json.loads(line) for line in LABELLED.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 400
+    urls = [f"https://img.example.net/a/{i:04d}" for i in range(len(rows))]
+    reasons = text_filter.reasons(urls, [" ".join(r["caption"].split()) for r in rows])
+    labelled_keep = [r["label"] == "keep" for r in rows]
+    kept = [reason is None for reason in reasons]
+    true_keep = sum(a and b for a, b in zip(labelled_keep, kept))
+    precision, recall = true_keep / sum(kept), true_keep / sum(labelled_keep)
+    assert precision >= 0.97 and recall >= 0.97, (precision, recall)
+    dropped = [(r["reason"], got) for r, got in zip(rows, reasons) if r["label"] == "drop" and got]
+    assert sum(want == got for want, got in dropped) / len(dropped) >= 0.95  # and for the labelled reason
+
+
+@pytest.mark.parametrize(
+    "caption, words",
+    [
+        ("A brown dog", 3),
+        ("一只棕色的狗在海滩上奔跑", 6),  # 12 Han characters, no spaces
+        ("東京の夜景", 3),
+        ("สุนัขสีน้ำตาลวิ่งบนชายหาด", 7),  # Thai, 25 characters
+        ("新款iPhone 15 Pro开箱", 5),
+        ("Tokyo Tower (東京タワー)", 5),
+    ],
+)
+def test_words_are_counted_in_scripts_without_spaces(caption, words):
+    assert count_words(caption) == words
+
+
+def test_sentences_without_spaces_are_not_english_rather_than_too_short(text_filter):
+    for caption in ["北京故宫的冬天", "桜の下でお花見をする人々", "วัดพระแก้วในกรุงเทพ"]:
+        out, dropped = _run(text_filter, [(URL, caption)])
+        assert out.num_rows == 0 and dropped == {"not_english": 1}, caption
+
+
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "Sony WH-1000XM4 wireless noise cancelling headphones",
+        "NVIDIA GeForce RTX 4090 Founders Edition graphics card",
+        "Oktoberfest beer tent crowded with visitors",
+        "Tokyo Tower (東京タワー) lit up at night",
+        "Canon EF 50mm f/1.8 STM lens on a white background",
+        "BMW M3 E46",
+    ],
+)
+def test_names_model_numbers_and_acronyms_stay_english(text_filter, caption):
+    out, dropped = _run(text_filter, [(URL, caption)])
+    assert out.num_rows == 1, dropped
