@@ -72,11 +72,12 @@ _DATED_PREFIX = (
 )
 _TIME = (
     r"(?:[ _\-t]+(?:at|à|um|om|alle|às|a las|kl\.?)?[ _]?\d{1,2}[.:_\-]\d{2}(?:[.:_\-]\d{2})?"
-    r"(?:\s?[ap]\.?m\.?)?)?"
+    r"(?:\s?[ap]\.?m\.?)?(?:[-_.]\d{3})?(?:_[\w.]+)?)?"  # milliseconds, Android's _com.app.name
 )
 _NAME_PATTERNS = [
     re.compile(  # IMG_1234, DSC01234, _MG_1234, IMG_E1234 (edited on an iPhone), IMG_1234 copy
-        rf"^{_CAMERA}[ _\-]?e?\d{{3,}}(?:[ _\-]\d+)*(?:[ _\-]?\(\d+\))?(?:[ _\-]copy)?$", re.I
+        rf"^{_CAMERA}[ _\-]?e?\d{{3,}}(?:[ _\-]\d+)*(?:[ _\-]?\(\d+\))?(?:[ _\-](?:copy|edit|edited|hdr|pano))?$",
+        re.I,
     ),
     re.compile(
         r"^\D{0,12}\d{8}[ _\-t]?\d{4,6}(?:[ _\-]\w{0,12})?$", re.I
@@ -97,7 +98,7 @@ _NAME_PATTERNS = [
         r"undefined|alt|alt text|image description|photograph|scan|capture|untitled design|no image available|"
         r"image not available|image not found|no photo|default avatar|default image|featured image|"
         r"feature image|post image|hero image|header image|cover image)"
-        r"(?:[ _\-]*\(?\d*\)?)?(?:[ _\-]+(?:copy|final|edited|\d+))*$",
+        r"(?:[ _\-](?:image|img|photo|picture|pic))?(?:[ _\-]*\(?\d*\)?)?(?:[ _\-]+(?:copy|final|edited|\d+))*$",
         re.I,
     ),
 ]
