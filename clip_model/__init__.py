@@ -1,7 +1,8 @@
 """CLIP model, preprocessing and checkpoints (no Ray here)."""
 
 from .checkpoint import load, save_openai_checkpoint, to_openai_state_dict
-from .configs import CLIPConfig, available_models, create_model, get_config
+from .configs import CLIPConfig, available_models, get_config
+from .factory import create_model
 from .loss import clip_loss
 from .model import CLIP
 from .tokenizer import Tokenizer

@@ -1,11 +1,9 @@
-"""Named CLIP configurations (OpenAI's spelling) and `create_model`."""
+"""`CLIPConfig` and the named CLIP configurations (OpenAI's spelling); `factory.create_model` builds them."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass
@@ -100,15 +98,3 @@ def get_config(name: str, **overrides) -> CLIPConfig:
     if unknown:
         raise ValueError(f"Unknown CLIPConfig field(s) {unknown}; valid fields: {', '.join(fields)}")
     return dataclasses.replace(_CONFIGS[name], **overrides)
-
-
-def create_model(name: str, device: torch.device | str | None = None, **overrides):
-    """An untrained `CLIP` of the named configuration (OpenAI initialisation). `device="meta"` builds it
-    without allocating weights (for counting parameters and FLOPs)."""
-    from .model import CLIP
-
-    config = get_config(name, **overrides)
-    if device is None:
-        return CLIP.from_config(config)
-    with torch.device(device):
-        return CLIP.from_config(config)

@@ -10,15 +10,13 @@ import contextlib
 import math
 from collections import OrderedDict
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-if TYPE_CHECKING:
-    from .configs import CLIPConfig
+from .configs import CLIPConfig
 
 
 class Bottleneck(nn.Module):
@@ -284,8 +282,6 @@ class CLIP(nn.Module):
         transformer_layers: int,
     ):
         super().__init__()
-        from .configs import CLIPConfig  # configs imports nothing from here at run time
-
         self.config: CLIPConfig = CLIPConfig(
             embed_dim=embed_dim,
             image_resolution=image_resolution,

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .configs import available_models, create_model
+from .configs import available_models
+from .factory import create_model
 
 
 @dataclass

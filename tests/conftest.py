@@ -176,3 +176,26 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- shared builders
+def _crawl_config(**overrides):
+    """The crawl tests' CrawlConfig: loopback-only fetching with short timeouts, 64 px images, 8 samples a
+    shard, one small worker; keyword arguments override CrawlConfig fields."""
+    from pipelines.crawl.build import CrawlConfig
+    from pipelines.crawl.fetch import FetchConfig
+    from pipelines.crawl.images import ImageConfig
+
+    fetch = FetchConfig(
+        allowed_networks=["127.0.0.0/8"], read_timeout_s=0.5, total_timeout_s=5, max_retries=1,
+        backoff_base_s=0.05, max_body_bytes=200_000, per_host_rate=1000, per_host_concurrency=16,
+    )  # fmt: skip
+    image = ImageConfig(image_size=64, min_size=32, max_aspect_ratio=4)
+    args = dict(samples_per_shard=8, batch_size=8, num_workers=1, num_cpus_per_worker=0.5)
+    return CrawlConfig(fetch=fetch, image=image, **{**args, **overrides})
+
+
+@pytest.fixture(scope="session")
+def crawl_config():
+    """Builder of the crawl tests' CrawlConfig: `crawl_config(**overrides)` (see `_crawl_config`)."""
+    return _crawl_config

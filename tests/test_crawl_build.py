@@ -14,22 +14,8 @@ from PIL import Image
 from pipelines import shards
 from pipelines.build_wit import BuildWITConfig
 from pipelines.config import load_config
-from pipelines.crawl.build import CrawlConfig, Layout, build_crawl
-from pipelines.crawl.fetch import FetchConfig
-from pipelines.crawl.images import ImageConfig
+from pipelines.crawl.build import Layout, build_crawl
 from pipelines.crawl.testsite import build_site
-
-SAMPLES_PER_SHARD = 8
-
-
-def crawl_config(**overrides) -> CrawlConfig:
-    fetch = FetchConfig(
-        allowed_networks=["127.0.0.0/8"], read_timeout_s=0.5, total_timeout_s=5, max_retries=1,
-        backoff_base_s=0.05, max_body_bytes=200_000, per_host_rate=1000, per_host_concurrency=16,
-    )  # fmt: skip
-    image = ImageConfig(image_size=64, min_size=32, max_aspect_ratio=4)
-    args = dict(samples_per_shard=SAMPLES_PER_SHARD, batch_size=8, num_workers=1, num_cpus_per_worker=0.5)
-    return CrawlConfig(fetch=fetch, image=image, **{**args, **overrides})
 
 
 def write_url_table(site, path) -> str:
@@ -40,7 +26,7 @@ def write_url_table(site, path) -> str:
 
 
 @pytest.fixture(scope="module")
-def built(ray_local, http_server, tmp_path_factory):
+def built(ray_local, http_server, tmp_path_factory, crawl_config):
     tmp = tmp_path_factory.mktemp("crawl_build")
     site = build_site(http_server, "buildsite", slow_s=2.0)
     urls = write_url_table(site, tmp / "urls.parquet")
@@ -69,9 +55,9 @@ def test_every_record_is_accounted_for(built):
     assert on_disk["counters"]["bytes"]["downloaded"] > 0 and on_disk["run"]["samples_per_s"] > 0
 
 
-def test_shards_follow_the_contract(built):
+def test_shards_follow_the_contract(built, crawl_config):
     site, stats, out = built
-    layout = Layout(len(site.rows), SAMPLES_PER_SHARD)
+    layout = Layout(len(site.rows), crawl_config().samples_per_shard)
     manifests = shards.committed_shards(out)
     assert sorted(manifests) == [layout.shard_name(g) for g in range(layout.num_shards)]
     kept_urls = {u for u, r in site.expected.items() if r is None}
@@ -119,7 +105,7 @@ def test_demo_config_loads():
     assert cfg.crawl.crawler == "ray" and cfg.output and cfg.curation.output
 
 
-def test_crawl_stage_declares_resources(ray_local):
+def test_crawl_stage_declares_resources(ray_local, crawl_config):
     import ray
 
     from pipelines.crawl.build import crawl_stage_dataset

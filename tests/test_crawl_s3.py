@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from test_crawl_build import crawl_config  # noqa: E402  (tests/ is on sys.path under pytest)
 
 from pipelines import shards, storage
 from pipelines.crawl.build import build_crawl
 from pipelines.crawl.testsite import rendered_images
 
 
-def test_crawl_to_s3_and_resume(ray_local, s3_server, http_server, tmp_path):
+def test_crawl_to_s3_and_resume(ray_local, s3_server, http_server, tmp_path, crawl_config):
     bucket = s3_server.make_bucket("crawl-test")
     images = rendered_images(10, seed=3, size=64)
     rows = [{"url": http_server.put_file(f"s3site/{i}.{ext}", data), "caption": caption, "query": ext}

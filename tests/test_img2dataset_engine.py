@@ -13,7 +13,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_crawl_build import crawl_config  # noqa: E402
 
 from pipelines import shards
 from pipelines.crawl.build import build_crawl
@@ -53,7 +52,7 @@ def test_error_mapping():
     )
 
 
-def test_both_engines_keep_the_same_images(ray_local, http_server, img2dataset_venv, tmp_path):
+def test_both_engines_keep_the_same_images(ray_local, http_server, img2dataset_venv, tmp_path, crawl_config):
     site = build_site(http_server, "i2dsite")
     rows = [r for r in site.rows if r["expected"] not in NOT_COMPARED]
     pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("url", "caption", "query")} for r in rows]),
