@@ -1,7 +1,9 @@
 """The CLIP architectures: sizes of the released models, OpenAI's key names, initialisation, masking,
 fp32 LayerNorm under autocast, gradient checkpointing. Large models only ever live on the meta device."""
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -393,3 +395,31 @@ def test_quick_gelu_is_the_sigmoid_approximation():
     assert not torch.allclose(QuickGELU()(x), F.gelu(x))  # the released models use this, not exact GELU
     mlp = clip_model.create_model("tiny-vit", device="meta").transformer.resblocks[0].mlp
     assert [type(m) for m in mlp] == [torch.nn.Linear, QuickGELU, torch.nn.Linear]
+
+
+def _package_imports(package: Path) -> dict[str, set[str]]:
+    """module -> the package's modules it imports (any import statement, at any depth, relative or not)."""
+    names = {p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for name in names:
+        deps = set()
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level == 1 or module.startswith(f"{package.name}."):
+                    deps.add(module.removeprefix(f"{package.name}."))
+                    deps.update(a.name for a in node.names)  # "from . import model"
+        graph[name] = deps & names
+    return graph
+
+
+def test_clip_model_has_no_import_circle():
+    graph = _package_imports(Path(clip_model.__file__).parent)
+    assert "model" not in graph["configs"] and "configs" in graph["model"]  # the circle that was there
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        return any(d == target or (d not in seen and reaches(d, target, seen | {d})) for d in graph[start])
+
+    circles = [name for name in graph if reaches(name, name, {name})]
+    assert circles == []
+    assert clip_model.create_model is clip_model.factory.create_model
