@@ -162,7 +162,8 @@ def prepare_image(data: bytes, transform) -> tuple[torch.Tensor | None, str | No
 
 
 class ImageEmbedder:
-    """Batch {"id", "jpg", ...} -> {"id", ..., "features" [n, D] float32, "ok" bool}. Other columns pass through."""
+    """Batch {"id", "jpg", ...} -> {"id", ..., "features" [n, D] float32, "ok" bool, "reason" str (the drop
+    reason of a row that is not ok, "" otherwise)}. Other columns pass through."""
 
     def __init__(self, model_source, image_size: int | None = None, device: str = "auto", transform=None):
         self.device = resolve_device(device)
