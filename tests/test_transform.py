@@ -174,8 +174,9 @@ def test_every_pil_mode_converts_to_rgb(label, make, rgb):
     out = clip_model.image_transform(8, background=(255, 255, 255))(image)
     assert out.shape == (3, 8, 8) and out.dtype == torch.float32
     np.testing.assert_allclose(unnormalise(out)[0, 0], rgb, atol=2.01)
-    default = clip_model.image_transform(8)(image)  # OpenAI's order: every mode still gives RGB pixels
-    assert default.shape == (3, 8, 8) and torch.isfinite(default).all()
+    for train in (False, True):  # OpenAI's order (convert after resizing): every mode still gives RGB pixels
+        default = clip_model.image_transform(8, train=train, seed=0)(image)
+        assert default.shape == (3, 8, 8) and torch.isfinite(default).all()
 
 
 def test_transparency_composites_on_the_chosen_background():
