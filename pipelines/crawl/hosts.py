@@ -1,0 +1,298 @@
+"""Per-host budgets for the whole crawl: concurrency, request rate, back-off and robots.txt, per site.
+
+Why a budget service and not a plan that routes each host's URLs to one worker: a shard is a slice of
+the curated plan, and the worker that crawls a shard writes it. Routing by host would either scatter
+a shard's rows over many workers (so no worker could write it) or make one shard per host (one huge
+shard for a popular host, millions of tiny ones for the tail, and a shard order that no longer
+follows the plan). A service keeps shards as they are and only decides *when* a request may start.
+
+So each site (scheme://host:port) has one owner: `HostBudget` shard `crc32(site) % budget_shards`,
+an async Ray actor named after the crawl's `budget_scope` and a digest of its rules, created by the
+first worker that asks (`get_if_exists`) so the caller passes nothing. Before each request a worker
+awaits `acquire(site, url)`; the answer is a `Grant`:
+- "go" after `delay_s`: the request may start (a concurrency lease is held until `release`, and the
+  start time is spaced by the site's rate, capped by its robots.txt Crawl-delay);
+- "robots": this worker fetches the site's robots.txt (once for the whole crawl, per TTL) and hands
+  the answer back with `put_robots`; the others wait for it;
+- "drop" with a reason: robots.txt disallows the URL, robots.txt is unreachable for now, or the site
+  is deferred (it asked for a Retry-After longer than we wait, or its next free slot is further away
+  than `max_wait_s`). Deferral reasons are transient: the retry pass fetches those URLs later, and
+  the worker's slot is free at once (no worker ever sleeps on one host for minutes).
+`release(site, lease, status, retry_after)` is fire-and-forget: it frees the lease and backs the site
+off alone on 429/503 (Retry-After, else exponential). A lease whose worker died expires after
+`lease_s`. Without Ray (unit tests, one process) the same class runs in-process.
+
+Memory: per-site state lives in an LRU of `max_hosts` sites per shard (robots.txt policies
+included); an evicted idle site is simply asked for its robots.txt again if it comes back. More shards
+= more cache and more acquire throughput; the shard count is part of the budget's identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipelines.crawl.robots import RobotsPolicy, policy_from_response
+
+HOST_DEFERRED = "host_deferred"
+BACKOFF_STATUS = frozenset({429, 503})
+
+
+@dataclass(frozen=True)
+class HostRules:
+    """The budget every site gets (filled from `FetchConfig`)."""
+
+    concurrency: int = 4  # requests in flight per site, whole crawl
+    rate: float = 10.0  # request starts per second per site, whole crawl (0: no limit)
+    max_wait_s: float = 60.0  # a URL whose site has no slot sooner is deferred, not waited for
+    max_retry_after_s: float = 30.0  # a longer Retry-After defers the site for that long
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 10.0
+    lease_s: float = 60.0  # a lease not released by then (its worker died) is reclaimed
+    robots: bool = True
+    robots_token: str = "clip-wit-ray"
+    robots_ttl_s: float = 86_400.0  # RFC 9309: a cached robots.txt should not be used for more than 24 h
+    robots_retry_s: float = 300.0  # an unreachable robots.txt is asked again after this long
+    max_hosts: int = 100_000  # sites remembered per budget shard (LRU)
+    shards: int = 4
+    scope: str = "crawl"
+
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclass
+class Grant:
+    action: str  # "go", "robots" (fetch robots.txt, then put_robots) or "drop"
+    delay_s: float = 0.0
+    lease: int = 0
+    reason: str | None = None
+
+
+@dataclass
+class SiteState:
+    leases: dict[int, float] = field(default_factory=dict)  # lease id -> expiry (monotonic)
+    next_start: float = 0.0
+    paused_until: float = 0.0
+    deferred_until: float = 0.0
+    failures: int = 0  # consecutive 429/503 answers
+    robots: RobotsPolicy | None = None
+    robots_expires: float = 0.0
+    robots_lease: int = 0  # the lease of the worker fetching robots.txt now (0: none)
+    changed: asyncio.Condition | None = None
+
+    def live_leases(self, now: float) -> int:
+        for lease in [k for k, expiry in self.leases.items() if expiry < now]:
+            del self.leases[lease]
+            if lease == self.robots_lease:
+                self.robots_lease = 0
+        return len(self.leases)
+
+    @property
+    def idle(self) -> bool:
+        return not self.leases
+
+
+class HostBudget:
+    """The budgets of the sites of one shard. Used as a Ray async actor or in-process."""
+
+    def __init__(self, rules: HostRules):
+        self.rules = rules
+        self.sites: OrderedDict[str, SiteState] = OrderedDict()
+        self.next_lease = 1
+
+    async def acquire(self, site: str, url: str) -> Grant:
+        state = self._state(site)
+        waited_until = time.monotonic() + self.rules.max_wait_s
+        while True:
+            now = time.monotonic()
+            grant = self._decide(state, url, now)
+            if grant is not None:
+                return grant
+            if now >= waited_until:
+                return Grant("drop", reason=HOST_DEFERRED)
+            await self._wait(state, min(1.0, waited_until - now))
+
+    async def release(self, site: str, lease: int, status: int | None = None,
+                      retry_after: float | None = None) -> None:  # fmt: skip
+        state = self._state(site)
+        state.leases.pop(lease, None)
+        now = time.monotonic()
+        if status in BACKOFF_STATUS:
+            state.failures += 1
+            pause = retry_after
+            if pause is None:
+                pause = min(self.rules.backoff_max_s, self.rules.backoff_base_s * 2 ** (state.failures - 1))
+            if pause > self.rules.max_retry_after_s:
+                state.deferred_until = max(state.deferred_until, now + pause)
+            else:
+                state.paused_until = max(state.paused_until, now + pause)
+        elif status is not None and status < 500:
+            state.failures = 0
+        await self._notify(state)
+
+    async def put_robots(self, site: str, lease: int, status: int | None, body: bytes | None,
+                         error: str | None = None) -> None:  # fmt: skip
+        """The answer to the robots.txt fetch that `acquire` asked for with `lease`."""
+        state = self._state(site)
+        policy = policy_from_response(status, body, error)
+        state.robots = policy
+        ttl = self.rules.robots_retry_s if policy.drop_reason else self.rules.robots_ttl_s
+        state.robots_expires = time.monotonic() + ttl
+        if state.robots_lease == lease:
+            state.robots_lease = 0
+        await self.release(site, lease, status if status in BACKOFF_STATUS else None)
+
+    def stats(self) -> dict[str, Any]:
+        return {"sites": len(self.sites), "leases": sum(len(s.leases) for s in self.sites.values())}
+
+    # ------------------------------------------------------------ internals
+
+    def _decide(self, state: SiteState, url: str, now: float) -> Grant | None:
+        """A grant now, or None to wait for a change (a released lease or robots.txt)."""
+        active = state.live_leases(now)
+        if state.deferred_until > now:
+            return Grant("drop", reason=HOST_DEFERRED)
+        need_robots = False
+        if self.rules.robots:
+            if state.robots is not None and state.robots_expires > now:
+                refusal = state.robots.refusal(url, self.rules.robots_token)
+                if refusal is not None:
+                    return Grant("drop", reason=refusal)
+            elif state.robots_lease:
+                return None  # another worker is fetching robots.txt
+            else:
+                need_robots = True
+        if active >= max(1, self.rules.concurrency):
+            return None
+        start = max(now, state.next_start, state.paused_until)
+        if start - now > self.rules.max_wait_s:
+            return Grant("drop", reason=HOST_DEFERRED)
+        state.next_start = start + self._interval(state)
+        lease = self.next_lease
+        self.next_lease += 1
+        state.leases[lease] = start + self.rules.lease_s
+        if need_robots:
+            state.robots_lease = lease
+            return Grant("robots", start - now, lease)
+        return Grant("go", start - now, lease)
+
+    def _interval(self, state: SiteState) -> float:
+        interval = 1.0 / self.rules.rate if self.rules.rate > 0 else 0.0
+        if state.robots is not None:  # Crawl-delay caps the rate further, never raises it
+            interval = max(interval, state.robots.crawl_delay(self.rules.robots_token))
+        return interval
+
+    def _state(self, site: str) -> SiteState:
+        state = self.sites.get(site)
+        if state is None:
+            state = self.sites[site] = SiteState(changed=asyncio.Condition())
+            self._evict()
+        else:
+            self.sites.move_to_end(site)
+        return state
+
+    def _evict(self) -> None:
+        excess = len(self.sites) - self.rules.max_hosts
+        for site in list(self.sites)[: max(0, excess) * 2]:
+            if excess <= 0:
+                break
+            if self.sites[site].idle:
+                del self.sites[site]
+                excess -= 1
+
+    @staticmethod
+    async def _wait(state: SiteState, timeout: float) -> None:
+        assert state.changed is not None
+        async with state.changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.changed.wait(), timeout)
+
+    @staticmethod
+    async def _notify(state: SiteState) -> None:
+        assert state.changed is not None
+        async with state.changed:
+            state.changed.notify_all()
+
+
+def shard_of(site: str, shards: int) -> int:
+    """Stable across processes (Python's hash() is salted per process)."""
+    return zlib.crc32(site.encode()) % max(1, shards)
+
+
+class BudgetClient:
+    """A worker's way to the host budgets: Ray actors when running under Ray, else one in-process budget.
+
+    `mode`: "cluster" (Ray actors, created on first use), "local" (in-process), or "auto" (cluster
+    when Ray is initialised, as in every Ray worker).
+    """
+
+    def __init__(self, rules: HostRules, mode: str = "auto"):
+        self.rules = rules
+        self.mode = mode
+        self.local: HostBudget | None = None
+        self.actors: dict[int, Any] = {}
+
+    @property
+    def clustered(self) -> bool:
+        if self.mode == "auto":
+            import ray
+
+            return ray.is_initialized()
+        return self.mode == "cluster"
+
+    async def acquire(self, site: str, url: str) -> Grant:
+        if not self.clustered:
+            return await self._local().acquire(site, url)
+        try:
+            return await self._actor(site).acquire.remote(site, url)
+        except Exception:  # the actor died with its owner: make a new one, ask once more
+            self.actors.pop(shard_of(site, self.rules.shards), None)
+            return await self._actor(site).acquire.remote(site, url)
+
+    async def release(self, site: str, lease: int, status: int | None = None,
+                      retry_after: float | None = None) -> None:  # fmt: skip
+        if not self.clustered:
+            await self._local().release(site, lease, status, retry_after)
+        else:  # fire and forget: the lease expires on its own should this message be lost
+            self._actor(site).release.remote(site, lease, status, retry_after)
+
+    async def put_robots(self, site: str, lease: int, status: int | None, body: bytes | None,
+                         error: str | None) -> None:  # fmt: skip
+        if not self.clustered:
+            await self._local().put_robots(site, lease, status, body, error)
+        else:
+            await self._actor(site).put_robots.remote(site, lease, status, body, error)
+
+    def _local(self) -> HostBudget:
+        if self.local is None:
+            self.local = HostBudget(self.rules)
+        return self.local
+
+    def _actor(self, site: str) -> Any:
+        index = shard_of(site, self.rules.shards)
+        actor = self.actors.get(index)
+        if actor is None:
+            actor = self.actors[index] = budget_actor(self.rules, index)
+        return actor
+
+
+def budget_actor(rules: HostRules, index: int) -> Any:
+    """Budget shard `index` of the crawl `rules.scope` (created if no worker made it yet)."""
+    import ray
+
+    remote = ray.remote(HostBudget)
+    return remote.options(
+        name=f"host-budget-{rules.scope}-{rules.digest()}-{index}",
+        get_if_exists=True,
+        num_cpus=0,
+        max_concurrency=100_000,  # every waiting acquire is one coroutine
+        max_restarts=-1,
+    ).remote(rules)
