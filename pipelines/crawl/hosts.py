@@ -118,7 +118,8 @@ class HostBudget:
                 return grant
             if now >= waited_until:
                 return Grant("drop", reason=HOST_DEFERRED)
-            await self._wait(state, min(1.0, waited_until - now))
+            expiry = min(state.leases.values(), default=now + 1.0)  # a dead worker's lease ends then
+            await self._wait(state, max(0.01, min(1.0, waited_until - now, expiry - now)))
 
     async def release(self, site: str, lease: int, status: int | None = None,
                       retry_after: float | None = None) -> None:  # fmt: skip
