@@ -9,7 +9,14 @@ import pyarrow as pa
 import pytest
 
 from pipelines.crawl.crawl import CrawlStage
-from pipelines.crawl.fetch import AddressGuard, FetchConfig, Fetcher, FetchResult, parse_retry_after, robots_opt_out
+from pipelines.crawl.fetch import (
+    AddressGuard,
+    FetchConfig,
+    Fetcher,
+    FetchResult,
+    parse_retry_after,
+    robots_opt_out,
+)
 from pipelines.crawl.images import ImageConfig
 from pipelines.crawl.testsite import build_site, send
 
@@ -117,7 +124,9 @@ def test_per_host_rate_and_concurrency(http_server):
         send(request, 200, b"x")
 
     url = http_server.route("polite/x.jpg", handler)
-    cfg = FetchConfig(allowed_networks=["127.0.0.0/8"], per_host_rate=20, per_host_concurrency=2, budget="local")
+    cfg = FetchConfig(
+        allowed_networks=["127.0.0.0/8"], per_host_rate=20, per_host_concurrency=2, budget="local"
+    )
     started = time.monotonic()
     results = fetch_all(cfg, [f"{url}?n={i}" for i in range(9)])
     assert all(r.ok for r in results)
@@ -133,5 +142,7 @@ def test_user_agent_is_sent(http_server):
         send(request, 200, b"x")
 
     url = http_server.route("ua/x.jpg", handler)
-    fetch_all(FetchConfig(allowed_networks=["127.0.0.0/8"], user_agent="test-agent/1.0", budget="local"), [url])
+    fetch_all(
+        FetchConfig(allowed_networks=["127.0.0.0/8"], user_agent="test-agent/1.0", budget="local"), [url]
+    )
     assert seen == ["test-agent/1.0"]

@@ -90,7 +90,9 @@ def test_long_retry_after_defers_that_site_only(tmp_path):
     fine = LoopbackHTTPServer(tmp_path / "fine")
     try:
         for i in range(6):
-            busy.route(f"b{i}.jpg", lambda req: send(req, 429, b"slow down", "text/plain", {"Retry-After": "3600"}))
+            busy.route(
+                f"b{i}.jpg", lambda req: send(req, 429, b"slow down", "text/plain", {"Retry-After": "3600"})
+            )
         images = rendered_images(12, size=48)
         good = [fine.put_file(f"g{i}.jpg", data) for i, (data, _, _) in enumerate(images)]
         bad = [busy.url(f"b{i}.jpg") for i in range(6)]
@@ -117,7 +119,9 @@ def test_long_retry_after_defers_that_site_only(tmp_path):
 def test_concurrent_crawl_calls_share_one_in_flight_limit(server):
     meter = Meter(rendered_images(1, size=48)[0][0], hold_s=0.1)
     url = server.route("shared.jpg", meter)
-    stage = CrawlStage(fetch_config(max_in_flight=2, per_host_concurrency=16, per_host_rate=0, budget="local"), IMAGE)
+    stage = CrawlStage(
+        fetch_config(max_in_flight=2, per_host_concurrency=16, per_host_rate=0, budget="local"), IMAGE
+    )
 
     async def main() -> list[pa.Table]:
         tables = [pa.table({"url": [f"{url}?t={t}&n={n}" for n in range(4)], "t": [t] * 4}) for t in range(3)]
@@ -135,7 +139,9 @@ def test_concurrent_crawl_calls_share_one_in_flight_limit(server):
 
 def test_budget_backs_off_a_site_alone():
     async def main():
-        budget = HostBudget(HostRules(concurrency=2, rate=0, robots=False, backoff_base_s=0.2, max_retry_after_s=5))
+        budget = HostBudget(
+            HostRules(concurrency=2, rate=0, robots=False, backoff_base_s=0.2, max_retry_after_s=5)
+        )
         a = await budget.acquire("http://a:80", "http://a:80/x")
         await budget.release("http://a:80", a.lease, 503, None)  # no Retry-After: exponential backoff
         again = await budget.acquire("http://a:80", "http://a:80/y")

@@ -43,7 +43,9 @@ def crawl(urls: list[str], **kw) -> tuple[dict[str, str | None], float]:
         out = stage(pa.table({"url": urls}))
     finally:
         stage.close()
-    return dict(zip(out.column("url").to_pylist(), out.column("status").to_pylist())), time.monotonic() - started
+    return dict(
+        zip(out.column("url").to_pylist(), out.column("status").to_pylist())
+    ), time.monotonic() - started
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ def is_transient(reason: str | None) -> bool:
         return False
     return reason in TRANSIENT_REASONS or (reason.startswith("http_5") and reason[5:].isdigit())
 
+
 # Columns the crawl stage adds to its input rows.
 OUTPUT_SCHEMA = pa.schema(
     [

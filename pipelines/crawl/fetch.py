@@ -28,10 +28,12 @@ import email.utils
 import ipaddress
 import logging
 import random
+import re
 import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -42,6 +44,8 @@ from pipelines.crawl.robots import MAX_ROBOTS_BYTES, robots_url, site_of
 
 log = logging.getLogger(__name__)
 
+# What a host may look like once parsed (IDNA-encoded names, IPv4, IPv6 without brackets).
+HOST_CHARS = re.compile(r"[A-Za-z0-9._:%-]+")
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 # Cloud metadata endpoints; most are already link-local or private, listed so that no
@@ -141,6 +145,18 @@ class FetchResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+class Redirect(NamedTuple):
+    status: int
+    location: str
+
+
+class Fetched(NamedTuple):
+    status: int
+    content_type: str | None
+    final_url: str
+    body: bytes
 
 
 class FetchError(Exception):
@@ -298,20 +314,18 @@ class Fetcher:
         self.loop = asyncio.get_running_loop()
         self.in_flight = asyncio.Semaphore(cfg.max_in_flight)
 
-    async def _follow(self, url: str) -> tuple[int, str | None, str, bytes]:
+    async def _follow(self, url: str) -> Fetched:
         """One attempt: follows redirects by hand, checking every hop."""
         current = parse_url(url)
         for _ in range(self.config.max_redirects + 1):
-            location, response = await self._request(current)
-            if response is not None:
-                return response
+            answer = await self._request(current)
+            if not isinstance(answer, Redirect):
+                return answer
             try:  # a hostile Location ("http://a:badport/x", "http://[::1") must not escape
-                current = parse_url(str(current.join(URL(location))))
-            except FetchError:
-                raise FetchError("bad_redirect") from None
-            except (ValueError, TypeError) as e:
-                raise FetchError("bad_redirect") from e
-        raise FetchError("too_many_redirects")
+                current = parse_url(str(current.join(URL(answer.location))))
+            except (FetchError, ValueError, TypeError):
+                raise FetchError("bad_redirect", status=answer.status) from None
+        raise FetchError("too_many_redirects", status=answer.status)
 
     def _check_literal_address(self, host: str) -> None:
         # aiohttp does not call the resolver for IP literals, so those are checked here.
@@ -370,8 +384,8 @@ class Fetcher:
                 raise FetchError("connection_error") from e
         raise FetchError("too_many_redirects")
 
-    async def _request(self, url: URL) -> tuple[str | None, tuple[int, str | None, str, bytes] | None]:
-        """Returns (redirect location, None) or (None, (status, content type, final url, body))."""
+    async def _request(self, url: URL) -> Redirect | Fetched:
+        """One request for `url` within its site's budget."""
         self._check_literal_address(url.host or "")
         site = site_of(url)
         grant = await self._slot(site, str(url))
@@ -401,14 +415,16 @@ class Fetcher:
         finally:
             await self.budget.release(site, grant.lease, status, retry_after)
 
-    async def _response(
-        self, resp: aiohttp.ClientResponse, retry_after: float | None
-    ) -> tuple[str | None, tuple[int, str | None, str, bytes] | None]:
+    async def _response(self, resp: aiohttp.ClientResponse, retry_after: float | None) -> Redirect | Fetched:
         cfg = self.config
         if resp.status in REDIRECT_STATUS and "Location" in resp.headers:
-            return resp.headers["Location"], None
+            return Redirect(resp.status, resp.headers["Location"])
         if resp.status != 200:
-            if resp.status in BACKOFF_STATUS and retry_after is not None and retry_after > cfg.max_retry_after_s:
+            if (
+                resp.status in BACKOFF_STATUS
+                and retry_after is not None
+                and retry_after > cfg.max_retry_after_s
+            ):
                 raise FetchError(HOST_DEFERRED, status=resp.status)  # the retry pass asks again later
             raise FetchError(f"http_{resp.status}", resp.status in RETRYABLE_STATUS, status=resp.status)
         if cfg.honour_robots_tag and robots_opt_out(
@@ -420,7 +436,7 @@ class Fetcher:
         if resp.content_length is not None and resp.content_length > cfg.max_body_bytes:
             raise FetchError("too_large", status=resp.status)
         body = await self._read_body(resp)
-        return None, (resp.status, content_type, str(resp.url), body)
+        return Fetched(resp.status, content_type, str(resp.url), body)
 
     def _check_content_type(self, content_type: str | None, status: int) -> None:
         if not content_type or not self.config.content_types:
@@ -448,7 +464,8 @@ def parse_url(url: str) -> URL:
     """An absolute http(s) URL with a host and a valid port, else FetchError("invalid_url")."""
     try:
         parsed = URL(url)
-        if parsed.scheme not in ("http", "https") or not parsed.host or parsed.port is None:
+        host = parsed.raw_host or ""
+        if parsed.scheme not in ("http", "https") or not HOST_CHARS.fullmatch(host) or parsed.port is None:
             raise FetchError("invalid_url")
         return parsed
     except (ValueError, TypeError) as e:
