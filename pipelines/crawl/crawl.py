@@ -112,6 +112,7 @@ class CrawlStage:
         table = as_table(batch)
         urls = table.column("url").to_pylist() if table.num_rows else []
         rows = await asyncio.gather(*(self._one(u) for u in urls))
+        await self.fetcher.budget.drain()  # hand back this batch's leases now, not with the next batch
         return result_columns(rows, table)
 
     async def _one(self, url: Any) -> dict[str, Any]:

@@ -257,6 +257,7 @@ class Fetcher:
         return list(await asyncio.gather(*(self.fetch(u) for u in urls)))
 
     async def close(self) -> None:
+        await self.budget.drain()
         if self.session is not None:
             session, self.session = self.session, None
             await session.close()

@@ -86,7 +86,12 @@ class SiteState:
     robots: RobotsPolicy | None = None
     robots_expires: float = 0.0
     robots_lease: int = 0  # the lease of the worker fetching robots.txt now (0: none)
-    changed: asyncio.Condition | None = None
+    # Set (and replaced) whenever a lease or robots.txt changes, to wake the waiting acquires.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
 
     def live_leases(self, now: float) -> int:
         for lease in [k for k, expiry in self.leases.items() if expiry < now]:
@@ -121,8 +126,36 @@ class HostBudget:
             expiry = min(state.leases.values(), default=now + 1.0)  # a dead worker's lease ends then
             await self._wait(state, max(0.01, min(1.0, waited_until - now, expiry - now)))
 
+    async def acquire_many(
+        self, requests: list[tuple[str, str]], releases: list[tuple] = ()
+    ) -> list[Grant | None]:
+        """Batched: first `releases` (argument tuples of `release`), then a grant for each request that
+        can be decided now; None for one that must wait (the caller then awaits `acquire`)."""
+        self.release_many(releases)
+        now = time.monotonic()
+        return [self._decide(self._state(site), url, now) for site, url in requests]
+
+    def release_many(self, releases: list[tuple]) -> None:
+        for args in releases:
+            self._release(*args)
+
     async def release(self, site: str, lease: int, status: int | None = None,
                       retry_after: float | None = None) -> None:  # fmt: skip
+        self._release(site, lease, status, retry_after)
+
+    async def put_robots(self, site: str, lease: int, status: int | None, body: bytes | None,
+                         error: str | None = None) -> None:  # fmt: skip
+        """The answer to the robots.txt fetch that `acquire` asked for with `lease`."""
+        state = self._state(site)
+        policy = policy_from_response(status, body, error)
+        state.robots = policy
+        ttl = self.rules.robots_retry_s if policy.drop_reason else self.rules.robots_ttl_s
+        state.robots_expires = time.monotonic() + ttl
+        if state.robots_lease == lease:
+            state.robots_lease = 0
+        self._release(site, lease, status if status in BACKOFF_STATUS else None)
+
+    def _release(self, site: str, lease: int, status: int | None, retry_after: float | None = None) -> None:
         state = self._state(site)
         state.leases.pop(lease, None)
         now = time.monotonic()
@@ -137,19 +170,7 @@ class HostBudget:
                 state.paused_until = max(state.paused_until, now + pause)
         elif status is not None and status < 500:
             state.failures = 0
-        await self._notify(state)
-
-    async def put_robots(self, site: str, lease: int, status: int | None, body: bytes | None,
-                         error: str | None = None) -> None:  # fmt: skip
-        """The answer to the robots.txt fetch that `acquire` asked for with `lease`."""
-        state = self._state(site)
-        policy = policy_from_response(status, body, error)
-        state.robots = policy
-        ttl = self.rules.robots_retry_s if policy.drop_reason else self.rules.robots_ttl_s
-        state.robots_expires = time.monotonic() + ttl
-        if state.robots_lease == lease:
-            state.robots_lease = 0
-        await self.release(site, lease, status if status in BACKOFF_STATUS else None)
+        state.notify()
 
     def stats(self) -> dict[str, Any]:
         return {"sites": len(self.sites), "leases": sum(len(s.leases) for s in self.sites.values())}
@@ -194,7 +215,7 @@ class HostBudget:
     def _state(self, site: str) -> SiteState:
         state = self.sites.get(site)
         if state is None:
-            state = self.sites[site] = SiteState(changed=asyncio.Condition())
+            state = self.sites[site] = SiteState()
             self._evict()
         else:
             self.sites.move_to_end(site)
@@ -211,16 +232,8 @@ class HostBudget:
 
     @staticmethod
     async def _wait(state: SiteState, timeout: float) -> None:
-        assert state.changed is not None
-        async with state.changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(state.changed.wait(), timeout)
-
-    @staticmethod
-    async def _notify(state: SiteState) -> None:
-        assert state.changed is not None
-        async with state.changed:
-            state.changed.notify_all()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.changed.wait(), timeout)
 
 
 def shard_of(site: str, shards: int) -> int:
@@ -228,11 +241,23 @@ def shard_of(site: str, shards: int) -> int:
     return zlib.crc32(site.encode()) % max(1, shards)
 
 
+@dataclass
+class Batch:
+    """Requests and releases on their way to one budget shard in the next call."""
+
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    futures: list[asyncio.Future] = field(default_factory=list)
+    releases: list[tuple] = field(default_factory=list)
+
+
 class BudgetClient:
     """A worker's way to the host budgets: Ray actors when running under Ray, else one in-process budget.
 
     `mode`: "cluster" (Ray actors, created on first use), "local" (in-process), or "auto" (cluster
-    when Ray is initialised, as in every Ray worker).
+    when Ray is initialised, as in every Ray worker). In cluster mode acquires and releases go to each
+    budget shard in batches (`acquire_many`), one call in flight per shard at a time: a busy
+    worker pays one actor call per batch instead of two per request; an acquire that must wait
+    (site at its concurrency limit, robots.txt being fetched) follows up with a blocking `acquire`.
     """
 
     def __init__(self, rules: HostRules, mode: str = "auto"):
@@ -240,6 +265,9 @@ class BudgetClient:
         self.mode = mode
         self.local: HostBudget | None = None
         self.actors: dict[int, Any] = {}
+        self.batches: dict[int, Batch] = {}
+        self.busy: set[int] = set()  # shards with a batched call in flight
+        self.calls: set[asyncio.Task] = set()  # those calls' tasks (kept from the GC)
 
     @property
     def clustered(self) -> bool:
@@ -252,33 +280,96 @@ class BudgetClient:
     async def acquire(self, site: str, url: str) -> Grant:
         if not self.clustered:
             return await self._local().acquire(site, url)
+        index = shard_of(site, self.rules.shards)
+        future = asyncio.get_running_loop().create_future()
+        batch = self._batch(index)
+        batch.requests.append((site, url))
+        batch.futures.append(future)
         try:
-            return await self._actor(site).acquire.remote(site, url)
-        except Exception:  # the actor died with its owner: make a new one, ask once more
-            self.actors.pop(shard_of(site, self.rules.shards), None)
-            return await self._actor(site).acquire.remote(site, url)
+            grant = await future
+        except Exception:  # the actor died with its owner: a fresh one is made below
+            self.actors.pop(index, None)
+            grant = None
+        if grant is None:
+            grant = await self._actor(index).acquire.remote(site, url)
+        return grant
 
     async def release(self, site: str, lease: int, status: int | None = None,
                       retry_after: float | None = None) -> None:  # fmt: skip
         if not self.clustered:
             await self._local().release(site, lease, status, retry_after)
-        else:  # fire and forget: the lease expires on its own should this message be lost
-            self._actor(site).release.remote(site, lease, status, retry_after)
+        else:  # sent with the next batch; a lost release only expires later (lease_s)
+            self._batch(shard_of(site, self.rules.shards)).releases.append((site, lease, status, retry_after))
 
     async def put_robots(self, site: str, lease: int, status: int | None, body: bytes | None,
                          error: str | None) -> None:  # fmt: skip
         if not self.clustered:
             await self._local().put_robots(site, lease, status, body, error)
         else:
-            await self._actor(site).put_robots.remote(site, lease, status, body, error)
+            await self._actor(shard_of(site, self.rules.shards)).put_robots.remote(
+                site, lease, status, body, error
+            )
+
+    async def drain(self) -> None:
+        """Sends every queued release and waits for the calls in flight (end of a batch, close)."""
+        while self.batches or self.calls:
+            for index in [i for i in self.batches if i not in self.busy]:
+                self._flush(index)
+            if self.calls:
+                await asyncio.wait(list(self.calls), timeout=10)
+            else:
+                await asyncio.sleep(0)
+
+    def _batch(self, index: int) -> Batch:
+        batch = self.batches.get(index)
+        if batch is None:
+            batch = self.batches[index] = Batch()
+            if index not in self.busy:
+                asyncio.get_running_loop().call_soon(self._flush, index)
+        return batch
+
+    def _flush(self, index: int) -> None:
+        """Sends shard `index` its batch. One call per shard at a time: what arrives meanwhile waits
+        for the answer and goes as the next batch, so batches grow with the load (Nagle's rule)."""
+        batch = self.batches.pop(index, None)
+        if batch is None:
+            return
+        try:
+            ref = self._actor(index).acquire_many.remote(batch.requests, batch.releases)
+        except Exception as e:
+            self.actors.pop(index, None)
+            for future in batch.futures:
+                future.set_exception(e)
+            return
+        self.busy.add(index)
+        task = asyncio.ensure_future(self._deliver(index, ref, batch.futures))
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+
+    async def _deliver(self, index: int, ref: Any, futures: list[asyncio.Future]) -> None:
+        try:
+            grants = await ref
+        except Exception as e:
+            self.actors.pop(index, None)
+            grants = [e] * len(futures)
+        finally:
+            self.busy.discard(index)
+            if index in self.batches:
+                self._flush(index)
+        for future, grant in zip(futures, grants):
+            if future.done():
+                continue
+            if isinstance(grant, Exception):
+                future.set_exception(grant)
+            else:
+                future.set_result(grant)
 
     def _local(self) -> HostBudget:
         if self.local is None:
             self.local = HostBudget(self.rules)
         return self.local
 
-    def _actor(self, site: str) -> Any:
-        index = shard_of(site, self.rules.shards)
+    def _actor(self, index: int) -> Any:
         actor = self.actors.get(index)
         if actor is None:
             actor = self.actors[index] = budget_actor(self.rules, index)
