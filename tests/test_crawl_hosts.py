@@ -63,7 +63,9 @@ def test_four_workers_share_one_hosts_budget(ray_local, server):
     meter = Meter(rendered_images(1, size=48)[0][0], hold_s=0.25)
     url = server.route("img.jpg", meter)
     rate = 8.0
-    cfg = fetch_config(per_host_concurrency=3, per_host_rate=rate, budget="cluster", budget_scope="test-4w")
+    cfg = fetch_config(
+        per_host_concurrency=3, per_host_rate=rate, budget="cluster", budget_scope="test-4w", robots_txt=True
+    )
 
     @ray.remote(num_cpus=0)
     class Worker:
@@ -81,6 +83,7 @@ def test_four_workers_share_one_hosts_budget(ray_local, server):
     # Each worker alone would allow 4 in flight and 8/s: together they must stay at 3 and 8/s.
     assert meter.peak <= 3, meter.peak
     assert abs(meter.rate - rate) / rate <= 0.10, meter.rate
+    assert server.hits["/robots.txt"] == 1  # one robots.txt fetch (a 404: all allowed) for all workers
     for w in workers:
         ray.kill(w)
 
