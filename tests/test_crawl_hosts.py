@@ -174,3 +174,28 @@ def test_expired_leases_are_reclaimed():
         assert grant.action == "go" and 0.15 <= time.monotonic() - started < 1.5
 
     asyncio.run(main())
+
+
+def test_budget_survives_the_worker_that_made_it(ray_local, server):
+    """Budget actors die with the worker that created them (Ray's ownership); the next worker's
+    request makes them again instead of failing."""
+    ray = ray_local
+    url = server.put_file("again.jpg", rendered_images(1, size=48)[0][0])
+    cfg = fetch_config(budget="cluster", budget_scope="test-owner", per_host_rate=0)
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def __init__(self):
+            self.stage = CrawlStage(cfg, IMAGE)
+
+        def crawl(self, urls: list[str]) -> list:
+            return self.stage(pa.table({"url": urls})).column("status").to_pylist()
+
+    first = Worker.remote()
+    second = Worker.remote()
+    assert ray.get(first.crawl.remote([f"{url}?a"])) == [None]  # `first` owns the budget actors
+    assert ray.get(second.crawl.remote([f"{url}?b"])) == [None]
+    ray.kill(first)
+    time.sleep(1)
+    assert ray.get(second.crawl.remote([f"{url}?c", f"{url}?d"])) == [None, None]
+    ray.kill(second)
