@@ -13,7 +13,7 @@ from conftest import LoopbackHTTPServer
 from pipelines.crawl.crawl import CrawlStage, is_transient
 from pipelines.crawl.fetch import FetchConfig
 from pipelines.crawl.images import ImageConfig
-from pipelines.crawl.robots import MAX_ROBOTS_BYTES, policy_from_response
+from pipelines.crawl.robots import MAX_ROBOTS_BYTES, policy_from_response, robots_url, site_of
 from pipelines.crawl.testsite import rendered_images, send
 
 ROBOTS = b"""# a comment
@@ -152,3 +152,11 @@ def test_policy_from_status():
     assert rules.refusal("http://h/x.php?q", "bot") is None
     assert rules.refusal("http://h/abc", "bot") == "robots_txt_disallow"  # the longer rule wins
     assert rules.refusal("http://h/ac", "bot") is None
+
+
+def test_one_site_per_scheme_host_and_port():
+    from yarl import URL
+
+    assert robots_url(site_of(URL("http://[::1]:8080/a/b?c"))) == "http://[::1]:8080/robots.txt"
+    assert site_of(URL("https://Example.com/x")) == site_of(URL("https://example.com:443/y"))
+    assert site_of(URL("http://example.com/x")) != site_of(URL("http://example.com:8080/x"))

@@ -24,8 +24,8 @@ ROBOTS_UNAVAILABLE = "robots_txt_unavailable"
 
 
 def site_of(url: URL) -> str:
-    """The scheme, host and port a robots.txt (and a host budget) applies to."""
-    return f"{url.scheme}://{url.host}:{url.port}"
+    """The scheme, host and port a robots.txt (and a host budget) applies to: "http://[::1]:8080"."""
+    return str(url.origin())
 
 
 def robots_url(site: str) -> str:
