@@ -111,7 +111,8 @@ class HostBudget:
     def __init__(self, rules: HostRules):
         self.rules = rules
         self.sites: OrderedDict[str, SiteState] = OrderedDict()
-        self.next_lease = 1
+        # Lease ids from the clock, so a release meant for a restarted actor's predecessor frees nothing.
+        self.next_lease = time.time_ns()
 
     async def acquire(self, site: str, url: str) -> Grant:
         state = self._state(site)
@@ -171,9 +172,6 @@ class HostBudget:
         elif status is not None and status < 500:
             state.failures = 0
         state.notify()
-
-    def stats(self) -> dict[str, Any]:
-        return {"sites": len(self.sites), "leases": sum(len(s.leases) for s in self.sites.values())}
 
     # ------------------------------------------------------------ internals
 
