@@ -1,13 +1,16 @@
 """Typed configuration: dataclasses filled from YAML and `a.b=value` overrides.
 
 Every job has one dataclass (nested dataclasses for sections). Unknown keys are errors that name the key and
-list the valid ones, so a typo in a YAML file never silently falls back to a default.
+list the valid ones, so a typo in a YAML file never silently falls back to a default. A value a section
+rejects (a `ValueError` raised in its `__post_init__`) becomes a `ConfigError` naming the dotted key, e.g.
+`crawl.samples_per_shard must be >= 1`: `parse_args` prints it as one usage line and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -101,6 +104,25 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:  # a required field without default
         raise ConfigError(f"{cls.__name__}: {e}") from e
+    except ConfigError:
+        raise
+    except ValueError as e:  # raised by the section's __post_init__
+        raise ConfigError(_name_key(str(e), list(types_), prefix, cls)) from None
+
+
+def _name_key(message: str, fields: Sequence[str], prefix: str, cls: type) -> str:
+    """`message` about a field of section `prefix`, led by the field's dotted key.
+
+    The field is the first one whose name the message mentions as a word ("samples_per_shard must be
+    >= 1" -> "crawl.samples_per_shard must be >= 1"); without one, the section is named."""
+    words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", message)
+    field_name = next((w for w in words if w in fields), None)
+    if field_name is None:
+        return f"{prefix or cls.__name__}: {message}"
+    key = f"{prefix}.{field_name}" if prefix else field_name
+    if message.startswith(field_name):
+        return key + message[len(field_name) :]
+    return f"{key}: {message}"
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

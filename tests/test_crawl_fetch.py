@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pyarrow as pa
 import pytest
 
 from pipelines.crawl.crawl import CrawlStage
-from pipelines.crawl.fetch import AddressGuard, FetchConfig, Fetcher, parse_retry_after, robots_opt_out
+from pipelines.crawl.fetch import (
+    AddressGuard,
+    FetchConfig,
+    Fetcher,
+    FetchResult,
+    parse_retry_after,
+    robots_opt_out,
+)
 from pipelines.crawl.images import ImageConfig
 from pipelines.crawl.testsite import build_site, send
 
 FETCH = dict(
     allowed_networks=["127.0.0.0/8"], read_timeout_s=0.5, total_timeout_s=5, max_retries=1,
-    backoff_base_s=0.05, max_body_bytes=200_000, per_host_rate=1000, per_host_concurrency=16,
+    backoff_base_s=0.05, max_body_bytes=200_000, per_host_rate=1000, per_host_concurrency=16, budget="local",
 )  # fmt: skip
+
+
+def fetch_all(config: FetchConfig, urls: list[str]) -> list[FetchResult]:
+    """One Fetcher on a fresh event loop, closed afterwards."""
+
+    async def run() -> list[FetchResult]:
+        fetcher = Fetcher(config)
+        try:
+            return await fetcher.fetch_many(urls)
+        finally:
+            await fetcher.close()
+
+    return asyncio.run(run())
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +84,7 @@ def test_retries_and_retry_after(crawled, http_server):
 def test_loopback_refused_unless_allowed(http_server):
     url = http_server.put_file("guard/a.png", b"x")
     for host_url in (url, url.replace("127.0.0.1", "localhost")):
-        fetcher = Fetcher(FetchConfig(max_retries=0))
-        try:
-            (result,) = fetcher.fetch_all([host_url])
-        finally:
-            fetcher.close()
+        (result,) = fetch_all(FetchConfig(max_retries=0, budget="local"), [host_url])
         assert result.error == "blocked_address"
     assert http_server.hits["/guard/a.png"] == 0
 
@@ -107,12 +124,11 @@ def test_per_host_rate_and_concurrency(http_server):
         send(request, 200, b"x")
 
     url = http_server.route("polite/x.jpg", handler)
-    fetcher = Fetcher(FetchConfig(allowed_networks=["127.0.0.0/8"], per_host_rate=20, per_host_concurrency=2))
+    cfg = FetchConfig(
+        allowed_networks=["127.0.0.0/8"], per_host_rate=20, per_host_concurrency=2, budget="local"
+    )
     started = time.monotonic()
-    try:
-        results = fetcher.fetch_all([f"{url}?n={i}" for i in range(9)])
-    finally:
-        fetcher.close()
+    results = fetch_all(cfg, [f"{url}?n={i}" for i in range(9)])
     assert all(r.ok for r in results)
     assert time.monotonic() - started >= 8 / 20  # 9 requests spaced 1/20 s apart
     assert active["max"] <= 2
@@ -126,9 +142,7 @@ def test_user_agent_is_sent(http_server):
         send(request, 200, b"x")
 
     url = http_server.route("ua/x.jpg", handler)
-    fetcher = Fetcher(FetchConfig(allowed_networks=["127.0.0.0/8"], user_agent="test-agent/1.0"))
-    try:
-        fetcher.fetch_all([url])
-    finally:
-        fetcher.close()
+    fetch_all(
+        FetchConfig(allowed_networks=["127.0.0.0/8"], user_agent="test-agent/1.0", budget="local"), [url]
+    )
     assert seen == ["test-agent/1.0"]

@@ -1,15 +1,24 @@
 """Polite asynchronous HTTP fetching of image URLs.
 
-One `Fetcher` per crawl worker keeps many requests in flight (aiohttp), with:
-connect/read timeouts, bounded retries with exponential backoff on timeouts, connection errors,
-429 and 5xx (honouring `Retry-After`), a per-host concurrency limit and request rate, a redirect
+One `Fetcher` per crawl worker keeps many requests in flight (aiohttp, on the caller's event loop;
+every concurrent caller shares one in-flight limit and one session), with: connect/read timeouts,
+bounded retries with exponential backoff on timeouts, connection errors, 429 and 5xx, a redirect
 limit (redirects are followed by hand so every hop is checked), a body size limit, a content-type
-check, `X-Robots-Tag` opt-outs (noai, noimageai, noindex, noimageindex), a DNS cache, and an SSRF
-guard that refuses private, loopback, link-local, reserved and cloud-metadata addresses unless a
-network is explicitly allowed.
+check, `X-Robots-Tag` opt-outs (noai, noimageai, noindex, noimageindex), and an SSRF guard that
+refuses private, loopback, link-local, reserved and cloud-metadata addresses unless a network is
+explicitly allowed.
 
-Every URL gets a `FetchResult`; a failed one carries a short drop reason (`http_404`, `timeout`,
-`blocked_address`, ...) that the crawl stage counts in the funnel.
+Every request (every redirect hop too) first asks the site's host budget (hosts.py) for a slot:
+per-host concurrency and rate hold for the whole crawl, robots.txt is fetched once per site for the
+whole crawl and obeyed, and a site answering 429/503 backs off alone.
+
+DNS: aiohttp's per-process cache (`dns_cache_ttl_s`) in front of the system resolver. At scale the
+crawl nodes also run a caching resolver that the cluster setup installs (cluster/, the cluster
+engineer's part), so a node's workers share one cache; there is no other DNS code here.
+
+Every URL gets a `FetchResult` and nothing raises: a failed one carries a short drop reason
+(`http_404`, `timeout`, `blocked_address`, `robots_txt_disallow`, ...) that the crawl stage counts,
+and `status` keeps the HTTP status of an HTTP error.
 """
 
 from __future__ import annotations
@@ -17,17 +26,26 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import ipaddress
+import logging
 import random
+import re
 import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import NamedTuple
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from pipelines.crawl.hosts import BACKOFF_STATUS, HOST_DEFERRED, BudgetClient, Grant, HostRules
+from pipelines.crawl.robots import MAX_ROBOTS_BYTES, robots_url, site_of
+
+log = logging.getLogger(__name__)
+
+# What a host may look like once parsed (IDNA-encoded names, IPv4, IPv6 without brackets).
+HOST_CHARS = re.compile(r"[A-Za-z0-9._:%-]+")
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 # Cloud metadata endpoints; most are already link-local or private, listed so that no
@@ -48,12 +66,16 @@ class FetchConfig:
     max_retries: int = 2
     backoff_base_s: float = 0.5
     backoff_max_s: float = 10.0
-    # A Retry-After longer than this is not waited for: the URL is dropped (reason http_429/http_503).
+    # A Retry-After longer than this is not waited for: the site is deferred for that long and its
+    # URLs get the transient reason host_deferred (the retry pass fetches them later).
     max_retry_after_s: float = 30.0
-    max_in_flight: int = 64
+    # A URL whose site has no free slot within this time is deferred too (host_deferred), so one
+    # slow or strict site never holds a worker's slots for long.
+    max_host_wait_s: float = 60.0
+    max_in_flight: int = 64  # requests in flight per worker (CrawlStage instance)
+    # Per site (scheme://host:port) for the whole crawl, however many workers (see hosts.py).
     per_host_concurrency: int = 4
-    # Requests per second per host, for the whole crawl; each worker gets its share (see Fetcher).
-    per_host_rate: float = 10.0
+    per_host_rate: float = 10.0  # request starts per second; 0: no limit
     max_redirects: int = 5
     max_body_bytes: int = 20 * 1024 * 1024
     # Accepted Content-Type prefixes; a response without Content-Type is accepted (the decoder decides).
@@ -63,9 +85,50 @@ class FetchConfig:
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
     dns_cache_ttl_s: int = 300
+    # robots.txt (RFC 9309), fetched once per site for the whole crawl and kept this long.
+    robots_txt: bool = True
+    robots_ttl_s: float = 86_400.0
+    robots_retry_s: float = 300.0  # an unreachable robots.txt (5xx, no answer) is asked again after this
+    # Host budgets: "auto" = shared Ray actors when running under Ray, else in-process; "local" =
+    # in-process only (one worker's share is then the whole budget); "cluster" = Ray actors.
+    budget: str = "auto"
+    # Names the budget actors: crawls with the same scope (and the same limits) share budgets.
+    budget_scope: str = "crawl"
+    budget_shards: int = 4  # budget actors (sites are spread over them by hash)
+    budget_max_hosts: int = 100_000  # sites remembered per budget actor (LRU)
     # SSRF guard: networks (CIDR) that may be fetched even though they are not public, e.g.
     # ["127.0.0.0/8"] for tests against a loopback server. Metadata addresses are never allowed.
     allowed_networks: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for network in self.allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as e:
+                raise ValueError(f"allowed_networks: {network!r} is not a network (CIDR): {e}") from None
+        if self.budget not in ("auto", "local", "cluster"):
+            raise ValueError(f"budget must be auto, local or cluster, got {self.budget!r}")
+        for name in ("max_in_flight", "per_host_concurrency", "budget_shards", "max_redirects"):
+            if getattr(self, name) < (0 if name == "max_redirects" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'max_redirects' else 1}")
+
+    def host_rules(self) -> HostRules:
+        return HostRules(
+            concurrency=self.per_host_concurrency,
+            rate=self.per_host_rate,
+            max_wait_s=self.max_host_wait_s,
+            max_retry_after_s=self.max_retry_after_s,
+            backoff_base_s=self.backoff_base_s,
+            backoff_max_s=self.backoff_max_s,
+            lease_s=self.total_timeout_s + 30.0,
+            robots=self.robots_txt,
+            robots_token=self.user_agent_token,
+            robots_ttl_s=self.robots_ttl_s,
+            robots_retry_s=self.robots_retry_s,
+            max_hosts=self.budget_max_hosts,
+            shards=self.budget_shards,
+            scope=self.budget_scope,
+        )
 
 
 @dataclass
@@ -84,14 +147,26 @@ class FetchResult:
         return self.error is None
 
 
+class Redirect(NamedTuple):
+    status: int
+    location: str
+
+
+class Fetched(NamedTuple):
+    status: int
+    content_type: str | None
+    final_url: str
+    body: bytes
+
+
 class FetchError(Exception):
     """A failed fetch with its drop reason; `retryable` errors are tried again."""
 
-    def __init__(self, reason: str, retryable: bool = False, retry_after_s: float | None = None):
+    def __init__(self, reason: str, retryable: bool = False, status: int | None = None):
         super().__init__(reason)
         self.reason = reason
         self.retryable = retryable
-        self.retry_after_s = retry_after_s
+        self.status = status
 
 
 class BlockedAddressError(OSError):
@@ -132,42 +207,17 @@ class GuardedResolver(AbstractResolver):
         await self.inner.close()
 
 
-class HostLimiter:
-    """Per-host concurrency (a semaphore) and request rate (evenly spaced start times)."""
-
-    def __init__(self, concurrency: int, rate: float):
-        self.semaphore = asyncio.Semaphore(max(1, concurrency))
-        self.interval = 1.0 / rate if rate > 0 else 0.0
-        self.next_start = 0.0
-
-    async def __aenter__(self) -> HostLimiter:
-        await self.semaphore.acquire()
-        now = time.monotonic()
-        start = max(now, self.next_start)
-        self.next_start = start + self.interval
-        if start > now:
-            await asyncio.sleep(start - now)
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        self.semaphore.release()
-
-    def pause(self, seconds: float) -> None:
-        """Delays every later request to this host (after a 429/503 with Retry-After)."""
-        self.next_start = max(self.next_start, time.monotonic() + seconds)
-
-
 def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None if unreadable."""
     if not value:
         return None
     value = value.strip()
     if value.isdigit():
         return float(value)
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except Exception:  # TypeError, ValueError, OverflowError, ... from a hostile header
         return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def robots_opt_out(header_values: Sequence[str], user_agent_token: str, directives: Sequence[str]) -> bool:
@@ -188,98 +238,95 @@ def robots_opt_out(header_values: Sequence[str], user_agent_token: str, directiv
 
 
 class Fetcher:
-    """Fetches batches of URLs concurrently. Not thread-safe; one per worker.
+    """Fetches URLs concurrently on the running event loop. One per worker; not thread-safe.
 
-    `rate_share` divides the per-host rate among the crawl workers, so that the configured
-    `per_host_rate` holds for the whole crawl.
+    All coroutines share one session (made on first use, on the loop of that call) and one
+    in-flight limit; host budgets are the cluster-wide `BudgetClient`'s.
     """
 
-    def __init__(self, config: FetchConfig, rate_share: int = 1, seed: int = 0):
+    def __init__(self, config: FetchConfig, seed: int = 0):
         self.config = config
         self.guard = AddressGuard(config.allowed_networks)
-        self.host_rate = config.per_host_rate / max(1, rate_share)
+        self.budget = BudgetClient(config.host_rules(), config.budget)
         self.random = random.Random(seed)
-        self.loop = asyncio.new_event_loop()
         self.session: aiohttp.ClientSession | None = None
-        self.hosts: dict[str, HostLimiter] = {}
-
-    def fetch_all(self, urls: Sequence[str]) -> list[FetchResult]:
-        return self.loop.run_until_complete(self.fetch_many(urls))
-
-    def close(self) -> None:
-        if self.session is not None:
-            self.loop.run_until_complete(self.session.close())
-            self.session = None
-        self.loop.close()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop the session lives on
+        self.in_flight: asyncio.Semaphore | None = None
 
     async def fetch_many(self, urls: Sequence[str]) -> list[FetchResult]:
-        self._ensure_session()
-        in_flight = asyncio.Semaphore(self.config.max_in_flight)
+        return list(await asyncio.gather(*(self.fetch(u) for u in urls)))
 
-        async def one(url: str) -> FetchResult:
-            async with in_flight:
-                return await self.fetch(url)
-
-        return list(await asyncio.gather(*(one(u) for u in urls)))
-
-    def _ensure_session(self) -> None:
-        if self.session is None:
-            cfg = self.config
-            connector = aiohttp.TCPConnector(
-                resolver=GuardedResolver(self.guard),
-                use_dns_cache=True,
-                ttl_dns_cache=cfg.dns_cache_ttl_s,
-                limit=cfg.max_in_flight,
-                limit_per_host=cfg.per_host_concurrency,
-            )
-            timeout = aiohttp.ClientTimeout(
-                total=cfg.total_timeout_s, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
-            )
-            self.session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=timeout,
-                headers={"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5"},
-                auto_decompress=True,
-            )
+    async def close(self) -> None:
+        await self.budget.drain()
+        if self.session is not None:
+            session, self.session = self.session, None
+            await session.close()
 
     async def fetch(self, url: str) -> FetchResult:
-        """Fetches one URL with retries; never raises."""
+        """Fetches one URL with retries, within the worker's in-flight limit; never raises."""
         self._ensure_session()
+        assert self.in_flight is not None
         result = FetchResult(url=url)
         start = time.monotonic()
+        async with self.in_flight:
+            try:
+                await self._attempts(url, result)
+            except Exception:  # a bug or an input nobody foresaw: a counted drop, never a failed batch
+                log.warning("fetch of %r failed unexpectedly", url, exc_info=True)
+                result.error, result.body = "fetch_error", None
+        result.elapsed_s = time.monotonic() - start
+        return result
+
+    async def _attempts(self, url: str, result: FetchResult) -> None:
         for attempt in range(self.config.max_retries + 1):
             result.attempts = attempt + 1
             try:
                 result.status, result.content_type, result.final_url, result.body = await self._follow(url)
                 result.error = None
-                break
+                return
             except FetchError as e:
-                result.error = e.reason
+                result.error, result.status = e.reason, e.status
                 if not e.retryable or attempt == self.config.max_retries:
-                    break
-                delay = min(self.config.backoff_max_s, self.config.backoff_base_s * 2**attempt)
-                delay *= 0.5 + self.random.random()  # jitter, so retries do not arrive together
-                if e.retry_after_s is not None:
-                    delay = e.retry_after_s
-                await asyncio.sleep(delay)
-        result.elapsed_s = time.monotonic() - start
-        return result
+                    return
+                if e.status not in BACKOFF_STATUS:  # 429/503: the host budget pauses the site instead
+                    delay = min(self.config.backoff_max_s, self.config.backoff_base_s * 2**attempt)
+                    await asyncio.sleep(delay * (0.5 + self.random.random()))  # jitter
 
-    async def _follow(self, url: str) -> tuple[int, str | None, str, bytes]:
+    def _ensure_session(self) -> None:
+        if self.session is not None:
+            return
+        cfg = self.config
+        connector = aiohttp.TCPConnector(
+            resolver=GuardedResolver(self.guard),
+            use_dns_cache=True,
+            ttl_dns_cache=cfg.dns_cache_ttl_s,
+            limit=cfg.max_in_flight,
+            limit_per_host=cfg.per_host_concurrency,
+        )
+        timeout = aiohttp.ClientTimeout(
+            total=cfg.total_timeout_s, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            headers={"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5"},
+            auto_decompress=True,
+        )
+        self.loop = asyncio.get_running_loop()
+        self.in_flight = asyncio.Semaphore(cfg.max_in_flight)
+
+    async def _follow(self, url: str) -> Fetched:
         """One attempt: follows redirects by hand, checking every hop."""
-        try:
-            current = URL(url)
-        except (ValueError, TypeError) as e:
-            raise FetchError("invalid_url") from e
+        current = parse_url(url)
         for _ in range(self.config.max_redirects + 1):
-            if current.scheme not in ("http", "https") or not current.host:
-                raise FetchError("invalid_url")
-            self._check_literal_address(current.host)
-            location, response = await self._request(current)
-            if response is not None:
-                return response
-            current = current.join(URL(location))
-        raise FetchError("too_many_redirects")
+            answer = await self._request(current)
+            if not isinstance(answer, Redirect):
+                return answer
+            try:  # a hostile Location ("http://a:badport/x", "http://[::1") must not escape
+                current = parse_url(str(current.join(URL(answer.location))))
+            except (FetchError, ValueError, TypeError):
+                raise FetchError("bad_redirect", status=answer.status) from None
+        raise FetchError("too_many_redirects", status=answer.status)
 
     def _check_literal_address(self, host: str) -> None:
         # aiohttp does not call the resolver for IP literals, so those are checked here.
@@ -290,65 +337,116 @@ class Fetcher:
         if not self.guard.is_allowed(host.strip("[]")):
             raise FetchError("blocked_address")
 
-    def _limiter(self, host: str) -> HostLimiter:
-        limiter = self.hosts.get(host)
-        if limiter is None:
-            limiter = self.hosts[host] = HostLimiter(self.config.per_host_concurrency, self.host_rate)
-        return limiter
+    async def _slot(self, site: str, url: str) -> Grant:
+        """Waits for the site's budget to let a request start; fetches robots.txt when asked to."""
+        for _ in range(3):
+            grant = await self.budget.acquire(site, url)
+            if grant.action == "drop":
+                raise FetchError(grant.reason or HOST_DEFERRED)
+            if grant.delay_s > 0:
+                await asyncio.sleep(grant.delay_s)
+            if grant.action == "go":
+                return grant
+            await self._fetch_robots(site, grant.lease)
+        raise FetchError(HOST_DEFERRED)
 
-    async def _request(self, url: URL) -> tuple[str | None, tuple[int, str | None, str, bytes] | None]:
-        """Returns (redirect location, None) or (None, (status, content type, final url, body))."""
-        cfg = self.config
-        limiter = self._limiter(url.host or "")
+    async def _fetch_robots(self, site: str, lease: int) -> None:
+        status, body, error = None, None, None
+        try:
+            status, body = await self._get_robots(URL(robots_url(site)))
+        except FetchError as e:
+            status, error = e.status, e.reason
+        except Exception:
+            log.warning("robots.txt of %s failed unexpectedly", site, exc_info=True)
+            error = "fetch_error"
+        finally:
+            await self.budget.put_robots(site, lease, status, body, error)
+
+    async def _get_robots(self, url: URL) -> tuple[int, bytes]:
+        """(status, first MAX_ROBOTS_BYTES of the body), following up to 5 redirects (RFC 9309)."""
         assert self.session is not None
-        async with limiter:
+        for _ in range(6):
+            self._check_literal_address(url.host or "")
             try:
                 async with self.session.get(url, allow_redirects=False) as resp:
                     if resp.status in REDIRECT_STATUS and "Location" in resp.headers:
-                        return resp.headers["Location"], None
+                        url = parse_url(str(url.join(URL(resp.headers["Location"]))))
+                        continue
                     if resp.status != 200:
-                        retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                        if retry_after is not None:
-                            limiter.pause(min(retry_after, cfg.max_retry_after_s))
-                        retryable = resp.status in RETRYABLE_STATUS and (
-                            retry_after is None or retry_after <= cfg.max_retry_after_s
-                        )
-                        raise FetchError(f"http_{resp.status}", retryable, retry_after)
-                    if cfg.honour_robots_tag and robots_opt_out(
-                        resp.headers.getall("X-Robots-Tag", []),
-                        cfg.user_agent_token,
-                        cfg.disallowed_robots_directives,
-                    ):
-                        raise FetchError("robots_opt_out")
-                    content_type = resp.headers.get("Content-Type")
-                    self._check_content_type(content_type)
-                    if resp.content_length is not None and resp.content_length > cfg.max_body_bytes:
-                        raise FetchError("too_large")
-                    body = await self._read_body(resp)
-                    return None, (resp.status, content_type, str(resp.url), body)
-            except FetchError:
-                raise
+                        return resp.status, b""
+                    return resp.status, await resp.content.read(MAX_ROBOTS_BYTES)
+            except (FetchError, ValueError):
+                raise FetchError("too_many_redirects") from None  # a broken redirect: "unavailable"
             except aiohttp.ClientConnectorDNSError as e:
                 if isinstance(e.os_error, BlockedAddressError):
                     raise FetchError("blocked_address") from e
-                raise FetchError("dns_error", retryable=True) from e
-            except TimeoutError as e:
-                raise FetchError("timeout", retryable=True) from e
-            except aiohttp.ClientPayloadError as e:
-                raise FetchError("truncated", retryable=True) from e
-            except aiohttp.InvalidURL as e:
-                raise FetchError("invalid_url") from e
-            except (aiohttp.ClientError, OSError) as e:
-                raise FetchError("connection_error", retryable=True) from e
+                raise FetchError("dns_error") from e
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                raise FetchError("connection_error") from e
+        raise FetchError("too_many_redirects")
 
-    def _check_content_type(self, content_type: str | None) -> None:
+    async def _request(self, url: URL) -> Redirect | Fetched:
+        """One request for `url` within its site's budget."""
+        self._check_literal_address(url.host or "")
+        site = site_of(url)
+        grant = await self._slot(site, str(url))
+        status, retry_after = None, None
+        assert self.session is not None
+        try:
+            async with self.session.get(url, allow_redirects=False) as resp:
+                status = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                return await self._response(resp, retry_after)
+        except FetchError:
+            raise
+        except aiohttp.ClientConnectorDNSError as e:
+            if isinstance(e.os_error, BlockedAddressError):
+                raise FetchError("blocked_address") from e
+            raise FetchError("dns_error", retryable=True) from e
+        except TimeoutError as e:
+            raise FetchError("timeout", retryable=True, status=status) from e
+        except aiohttp.ClientPayloadError as e:
+            raise FetchError("truncated", retryable=True, status=status) from e
+        except aiohttp.InvalidURL as e:
+            raise FetchError("invalid_url") from e
+        except aiohttp.ClientResponseError as e:  # a malformed response (bad header, bad framing)
+            raise FetchError("bad_response", status=status) from e
+        except (aiohttp.ClientError, OSError) as e:
+            raise FetchError("connection_error", retryable=True, status=status) from e
+        finally:
+            await self.budget.release(site, grant.lease, status, retry_after)
+
+    async def _response(self, resp: aiohttp.ClientResponse, retry_after: float | None) -> Redirect | Fetched:
+        cfg = self.config
+        if resp.status in REDIRECT_STATUS and "Location" in resp.headers:
+            return Redirect(resp.status, resp.headers["Location"])
+        if resp.status != 200:
+            if (
+                resp.status in BACKOFF_STATUS
+                and retry_after is not None
+                and retry_after > cfg.max_retry_after_s
+            ):
+                raise FetchError(HOST_DEFERRED, status=resp.status)  # the retry pass asks again later
+            raise FetchError(f"http_{resp.status}", resp.status in RETRYABLE_STATUS, status=resp.status)
+        if cfg.honour_robots_tag and robots_opt_out(
+            resp.headers.getall("X-Robots-Tag", []), cfg.user_agent_token, cfg.disallowed_robots_directives
+        ):
+            raise FetchError("robots_opt_out", status=resp.status)
+        content_type = resp.headers.get("Content-Type")
+        self._check_content_type(content_type, resp.status)
+        if resp.content_length is not None and resp.content_length > cfg.max_body_bytes:
+            raise FetchError("too_large", status=resp.status)
+        body = await self._read_body(resp)
+        return Fetched(resp.status, content_type, str(resp.url), body)
+
+    def _check_content_type(self, content_type: str | None, status: int) -> None:
         if not content_type or not self.config.content_types:
             return
         mime = content_type.split(";", 1)[0].strip().lower()
         if mime in ("text/html", "application/xhtml+xml"):
-            raise FetchError("html_page")
+            raise FetchError("html_page", status=status)
         if not any(mime.startswith(p) for p in self.config.content_types):
-            raise FetchError("bad_content_type")
+            raise FetchError("bad_content_type", status=status)
 
     async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
         limit = self.config.max_body_bytes
@@ -356,8 +454,20 @@ class Fetcher:
         async for chunk in resp.content.iter_chunked(256 * 1024):
             size += len(chunk)
             if size > limit:
-                raise FetchError("too_large")
+                raise FetchError("too_large", status=resp.status)
             chunks.append(chunk)
         if resp.content_length is not None and size < resp.content_length:
-            raise FetchError("truncated", retryable=True)
+            raise FetchError("truncated", retryable=True, status=resp.status)
         return b"".join(chunks)
+
+
+def parse_url(url: str) -> URL:
+    """An absolute http(s) URL with a host and a valid port, else FetchError("invalid_url")."""
+    try:
+        parsed = URL(url)
+        host = parsed.raw_host or ""
+        if parsed.scheme not in ("http", "https") or not HOST_CHARS.fullmatch(host) or parsed.port is None:
+            raise FetchError("invalid_url")
+        return parsed
+    except (ValueError, TypeError) as e:
+        raise FetchError("invalid_url") from e

@@ -1,8 +1,9 @@
 """Image checks for crawled bytes: decode safely, filter, resize, re-encode.
 
 `process_image(data, config)` returns a `ProcessedImage` or raises `ImageDrop` with the drop reason
-(decode_error, decompression_bomb, too_small, aspect_ratio). The pixel limit is checked from the
-header before any pixel is decoded, so a decompression bomb costs nothing.
+(decode_error, decompression_bomb, too_small, aspect_ratio, image_error). The pixel limit is checked
+from the header before any pixel is decoded, so a decompression bomb costs nothing. Nothing else
+escapes: an error while resizing or re-encoding a decoded image is the drop `image_error`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 RESIZE_MODES = ("keep_aspect", "center_crop", "none")
+# Every drop reason of the image checks (every other reason belongs to the fetch).
+IMAGE_REASONS = frozenset({"decode_error", "decompression_bomb", "too_small", "aspect_ratio", "image_error"})
 # Antialiased bicubic: img2dataset uses OpenCV's area filter; bicubic after a draft decode keeps
 # the output closer to a full-resolution downscale (area costs ~15% less CPU, blurrier, more aliasing).
 RESAMPLE = Image.Resampling.BICUBIC
@@ -70,6 +73,8 @@ EXIF_ORIENTATION = 0x0112
 
 
 def process_image(data: bytes, config: ImageConfig) -> ProcessedImage:
+    if not isinstance(data, bytes | bytearray | memoryview) or not data:
+        raise ImageDrop("decode_error")
     sha256 = hashlib.sha256(data).hexdigest()
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -103,6 +108,21 @@ def process_image(data: bytes, config: ImageConfig) -> ProcessedImage:
             raise ImageDrop("decompression_bomb") from e
         except Exception as e:  # Pillow raises many types for broken files
             raise ImageDrop("decode_error") from e
+    try:
+        return finish(image, target, transpose, config, (width, height, original_format, sha256))
+    except Exception as e:  # resize/encode of a decoded image: rare, but never an escaped exception
+        raise ImageDrop("image_error") from e
+
+
+def finish(
+    image: Image.Image,
+    target: tuple[int, int],
+    transpose: Image.Transpose | None,
+    config: ImageConfig,
+    original: tuple[int, int, str, str],
+) -> ProcessedImage:
+    """Resize to `target`, turn upright, crop, re-encode as JPEG."""
+    width, height, original_format, sha256 = original
     if image.size != target:
         image = image.resize(target, RESAMPLE, reducing_gap=3.0)
     if image.mode != "RGB":  # greyscale: resized as one channel, converted once small

@@ -184,8 +184,9 @@ def build_site(server: Any, prefix: str, n_images: int = 8, seed: int = 0, slow_
         "bad",
         "decode_error",
     )
+    bomb = decompression_bomb_png()  # made now: building it inside the handler can outlast a read timeout
     site.add(
-        r(f"{p}/bomb.png", lambda req: send(req, 200, decompression_bomb_png(), "image/png")),
+        r(f"{p}/bomb.png", lambda req: send(req, 200, bomb, "image/png")),
         "bomb",
         "decompression_bomb",
     )
