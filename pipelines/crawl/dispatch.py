@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 import ray
 
+from pipelines import faults
 from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.worker import ShardWorker
 from pipelines.pools import pool_bounds
@@ -57,6 +59,9 @@ class ShardPool:
         }
         if cfg.worker_resources:
             options["resources"] = dict(cfg.worker_resources)
+        if os.environ.get(faults.ENV_FAULTS):  # tests: the fault switch reaches workers of a running Ray
+            names = (faults.ENV_FAULTS, faults.ENV_DIR)
+            options["runtime_env"] = {"env_vars": {k: os.environ[k] for k in names if k in os.environ}}
         self.options = options
         self.actor_class = ray.remote(ShardWorker).options(**options)
         self.num_workers = num_workers
@@ -141,8 +146,8 @@ class ShardPool:
     def close(self) -> None:
         """Close the workers' crawlers (sessions, pools), then end them."""
         try:
-            ray.get([w.close.remote() for w in self.workers], timeout=30)
-        except ray.exceptions.RayError:
+            ray.get([w.close.remote() for w in self.workers if w in self.ready], timeout=30)
+        except (ray.exceptions.RayError, TimeoutError):
             pass  # a worker already gone has nothing left to close
         for worker in self.workers:
             ray.kill(worker)
