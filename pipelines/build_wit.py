@@ -99,4 +99,6 @@ def build_wit(cfg: BuildWITConfig) -> dict[str, Any]:
     if cfg.urls:
         return build_crawl(cfg.urls, cfg.crawl, cfg.output, cfg.formats)
     source = CuratedSource(cfg.curation)
-    return build_crawl(source, cfg.crawl, cfg.output, cfg.formats, settings=source.settings, extra_stats=source.stats)
+    return build_crawl(
+        source, cfg.crawl, cfg.output, cfg.formats, settings=source.settings, extra_stats=source.stats
+    )

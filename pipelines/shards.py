@@ -44,7 +44,9 @@ def tar_bytes(samples: Sequence[dict[str, Any]]) -> bytes:
             key = s["key"]
             _tar_member(tar, f"{key}.jpg", s["jpg"])
             _tar_member(tar, f"{key}.txt", s["txt"].encode("utf-8"))
-            _tar_member(tar, f"{key}.json", json.dumps(s["json"], sort_keys=True, ensure_ascii=False).encode())
+            _tar_member(
+                tar, f"{key}.json", json.dumps(s["json"], sort_keys=True, ensure_ascii=False).encode()
+            )
     return buf.getvalue()
 
 
@@ -128,14 +130,15 @@ def write_shard(
 
 def committed_names(out_uri: str) -> set[str]:
     """Names of the committed shards, found by listing (no manifest is read)."""
-    return {u.rsplit("/", 1)[-1][: -len(MANIFEST_SUFFIX)] for u in storage.list_files(out_uri, MANIFEST_SUFFIX)}
+    return {
+        u.rsplit("/", 1)[-1][: -len(MANIFEST_SUFFIX)] for u in storage.list_files(out_uri, MANIFEST_SUFFIX)
+    }
 
 
 def committed_shards(out_uri: str) -> dict[str, dict[str, Any]]:
     """Manifests of the committed shards under `out_uri`, by shard name."""
     return {
-        m["shard"]: m
-        for m in (storage.read_json(u) for u in storage.list_files(out_uri, MANIFEST_SUFFIX))
+        m["shard"]: m for m in (storage.read_json(u) for u in storage.list_files(out_uri, MANIFEST_SUFFIX))
     }
 
 
@@ -179,7 +182,12 @@ def read_shard_samples(uri: str) -> Iterator[dict[str, Any]]:
 def shard_files(out_uri: str, fmt: str = "webdataset") -> list[str]:
     """URIs of the committed shard files of one format, in name order."""
     ext = ".tar" if fmt == "webdataset" else ".parquet"
-    return [storage.join(out_uri, name) for m in committed_shards(out_uri).values() for name in m["files"] if name.endswith(ext)]
+    return [
+        storage.join(out_uri, name)
+        for m in committed_shards(out_uri).values()
+        for name in m["files"]
+        if name.endswith(ext)
+    ]
 
 
 def write_dataset(

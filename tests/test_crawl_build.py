@@ -16,9 +16,9 @@ from pipelines.build_wit import BuildWITConfig
 from pipelines.config import load_config
 from pipelines.crawl.build import build_crawl
 from pipelines.crawl.config import CrawlConfig
-from pipelines.crawl.plan import Layout
 from pipelines.crawl.fetch import FetchConfig
 from pipelines.crawl.images import ImageConfig
+from pipelines.crawl.plan import Layout
 from pipelines.crawl.testsite import build_site
 
 SAMPLES_PER_SHARD = 8

@@ -71,7 +71,9 @@ def one_worker(ray_local, ordered_site, tmp_path_factory) -> tuple[str, dict]:
 def test_worker_count_and_finish_order_do_not_change_the_dataset(one_worker, ordered_site, tmp_path):
     out1, stats1 = one_worker
     out4 = str(tmp_path / "four")
-    cfg = crawl_config(samples_per_shard=PER_SHARD, num_workers=4, shards_per_worker=1, num_cpus_per_worker=0.5)
+    cfg = crawl_config(
+        samples_per_shard=PER_SHARD, num_workers=4, shards_per_worker=1, num_cpus_per_worker=0.5
+    )
     stats4 = build_crawl(ordered_site, cfg, out4)
     assert stats1["totals"]["dropped"]["duplicate"] >= 10  # duplicates inside and across shards
     assert stats4["totals"] == stats1["totals"] and stats4["counters"] == stats1["counters"]
@@ -84,7 +86,9 @@ def test_worker_count_and_finish_order_do_not_change_the_dataset(one_worker, ord
     assert sum(index.column("num_samples").to_pylist()) == len(keys) and index.num_rows == 10
 
 
-def test_a_failed_crawl_task_is_retried_without_changing_anything(one_worker, ordered_site, tmp_path, monkeypatch):
+def test_a_failed_crawl_task_is_retried_without_changing_anything(
+    one_worker, ordered_site, tmp_path, monkeypatch
+):
     out1, _ = one_worker
     monkeypatch.setenv(faults.ENV_FAULTS, "crawl_shard:00002,crawl_shard:00007")
     monkeypatch.setenv(faults.ENV_DIR, str(tmp_path / "faults"))

@@ -21,7 +21,12 @@ from pipelines.stats import Funnel
 
 INDEX_FILE = "_index.parquet"
 INDEX_SCHEMA = pa.schema(
-    [("shard", pa.string()), ("num_samples", pa.int64()), ("tar_bytes", pa.int64()), ("parquet_bytes", pa.int64())]
+    [
+        ("shard", pa.string()),
+        ("num_samples", pa.int64()),
+        ("tar_bytes", pa.int64()),
+        ("parquet_bytes", pa.int64()),
+    ]
 )
 MANIFESTS_PER_TASK = 256
 MERGE_FANOUT = 16

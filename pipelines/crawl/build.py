@@ -86,7 +86,9 @@ def ensure_plan(source: Source, cfg: CrawlConfig, out_uri: str, fp_settings: Cal
     return write_plan(ds, out_uri, cfg.samples_per_shard, fingerprint(fp_settings()))
 
 
-def crawl_shards(plan: Plan, cfg: CrawlConfig, out_uri: str, formats: Sequence[str], counts: RunCounts) -> None:
+def crawl_shards(
+    plan: Plan, cfg: CrawlConfig, out_uri: str, formats: Sequence[str], counts: RunCounts
+) -> None:
     """Crawl the shards without a manifest, then (if asked) retry the transient failures."""
     layout = plan.layout
     done = shards.committed_names(out_uri)
@@ -97,7 +99,9 @@ def crawl_shards(plan: Plan, cfg: CrawlConfig, out_uri: str, formats: Sequence[s
         retry = [int(n) for n in aggregate.summarise(out_uri)[2]]  # committed earlier, failures to retry
     if not pending and not retry:
         return
-    pool = ShardPool(cfg, (cfg, out_uri, list(formats), layout), worker_count(cfg, max(len(pending), len(retry))))
+    pool = ShardPool(
+        cfg, (cfg, out_uri, list(formats), layout), worker_count(cfg, max(len(pending), len(retry)))
+    )
     try:
         for record in pool.run("crawl_shard", pending, lambda g: (plan.pieces(g),)):
             counts.shards_written += 1
@@ -150,7 +154,9 @@ def finish(
     data: dict[str, Any] = dict(funnel)
     data["totals"] = aggregate.totals(funnel, index)
     if data["totals"]["input"] != plan.num_input:
-        raise RuntimeError(f"the shards count {data['totals']['input']} input rows but the plan has {plan.num_input}")
+        raise RuntimeError(
+            f"the shards count {data['totals']['input']} input rows but the plan has {plan.num_input}"
+        )
     data["run"] = {
         "crawler": cfg.crawler,
         "elapsed_s": round(elapsed, 3),

@@ -68,11 +68,15 @@ def dedupe_and_compact(out_uri: str, layout: Layout, formats: Sequence[str]) -> 
         return 0
     fs, path = storage.resolve(rows_dir)
     partitions = max(1, min(1024, math.ceil(layout.num_input / ROWS_PER_PARTITION)))
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=["ordinal", "status", "sha256"], file_extensions=["parquet"])
+    ds = ray.data.read_parquet(
+        path, filesystem=fs, columns=["ordinal", "status", "sha256"], file_extensions=["parquet"]
+    )
     duplicates = (
         ds.map_batches(passed_rows, batch_format="pyarrow", batch_size=None)
         .groupby("sha256", num_partitions=partitions)
-        .map_groups(later_copies, batch_format="pyarrow", fn_kwargs={"samples_per_shard": layout.samples_per_shard})
+        .map_groups(
+            later_copies, batch_format="pyarrow", fn_kwargs={"samples_per_shard": layout.samples_per_shard}
+        )
     )
     compacted = duplicates.groupby("shard", num_partitions=partitions).map_groups(
         compact_shard,

@@ -8,6 +8,7 @@ back in whatever order shards finish: what a shard holds depends only on its pla
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -145,10 +146,9 @@ class ShardPool:
 
     def close(self) -> None:
         """Close the workers' crawlers (sessions, pools), then end them."""
-        try:
+        # A worker already gone has nothing left to close.
+        with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
             ray.get([w.close.remote() for w in self.workers if w in self.ready], timeout=30)
-        except (ray.exceptions.RayError, TimeoutError):
-            pass  # a worker already gone has nothing left to close
         for worker in self.workers:
             ray.kill(worker)
         self.workers, self.ready = [], set()

@@ -133,7 +133,9 @@ def _ordered_blocks(ds: ray.data.Dataset) -> Iterator[tuple[Any, int]]:
                 yield entry.ref, entry.metadata.num_rows
 
 
-def write_plan(ds: ray.data.Dataset | None, out_uri: str, samples_per_shard: int, fp: Mapping[str, Any]) -> Plan:
+def write_plan(
+    ds: ray.data.Dataset | None, out_uri: str, samples_per_shard: int, fp: Mapping[str, Any]
+) -> Plan:
     """Number `ds`'s rows in order, write them as the plan's parts, then commit the plan."""
     uri = plan_uri(out_uri)
     storage.makedirs(uri)

@@ -123,7 +123,9 @@ def shard_funnel(rows: pa.Table, excluded: Collection[int]) -> Funnel:
     funnel.record("input", n, n, {})
     funnel.record("fetch", n, fetched, fetch_drops)
     funnel.record("image", fetched, decoded, image_drops)
-    funnel.record("dedupe", decoded, decoded - len(excluded), {"duplicate": len(excluded)} if excluded else {})
+    funnel.record(
+        "dedupe", decoded, decoded - len(excluded), {"duplicate": len(excluded)} if excluded else {}
+    )
     funnel.check()
     return funnel
 
@@ -164,6 +166,10 @@ def commit(
     pq.write_table(rows, buf)
     storage.write_bytes_atomic(rows_uri(out_uri, name), buf.getvalue())
     transient = sum(1 for s in rows.column("status").to_pylist() if is_transient(s))
-    stats = {"funnel": shard_funnel(rows, excluded).to_dict(), "excluded": len(excluded), "transient": transient}
+    stats = {
+        "funnel": shard_funnel(rows, excluded).to_dict(),
+        "excluded": len(excluded),
+        "transient": transient,
+    }
     manifest = shards.write_manifest(samples, out_uri, name, files, stats)
     return {"shard": name, "count": manifest["count"], "input": rows.num_rows, "transient": transient}

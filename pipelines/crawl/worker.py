@@ -122,7 +122,9 @@ class ShardWorker:
         in_files = {s["json"]["ordinal"] for s in kept}
         new_rows = shard_files.rows_table(crawled)
         retried = set(new_rows.column("ordinal").to_pylist())
-        old = rows.filter(pc.invert(pc.is_in(rows.column("ordinal"), value_set=pa.array(sorted(retried), pa.int64()))))
+        old = rows.filter(
+            pc.invert(pc.is_in(rows.column("ordinal"), value_set=pa.array(sorted(retried), pa.int64())))
+        )
         merged = pa.concat_tables([old, new_rows]).sort_by("ordinal")
         # Ordinals that passed before and are not in the files were left out as duplicates: still are.
         known = {o for o, s in zip(old.column("ordinal").to_pylist(), old.column("status").to_pylist())
