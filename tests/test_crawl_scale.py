@@ -194,3 +194,20 @@ def test_missing_input_is_named_in_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{tmp_path}/nope.parquet" in err
+
+
+def test_a_shard_reads_only_its_rows_from_the_plan(tmp_path):
+    from pipelines.crawl.plan import Plan, _part_bytes, read_pieces
+
+    sizes, first, parts = [5, 1, 9, 3], 0, []
+    for i, n in enumerate(sizes):
+        table = pa.table({"url": [f"u{first + j}" for j in range(n)], "caption": ["c"] * n})
+        (tmp_path / f"p{i}.parquet").write_bytes(_part_bytes(table, first, 3))
+        parts.append((f"p{i}.parquet", first, n))
+        first += n
+    plan = Plan(str(tmp_path), 3, first, parts)
+    assert plan.layout.num_shards == 6 and plan.pieces(1) == [(str(tmp_path / "p0.parquet"), 3, 2),
+                                                              (str(tmp_path / "p1.parquet"), 0, 1)]  # fmt: skip
+    for shard in range(plan.layout.num_shards):
+        rows = read_pieces(plan.pieces(shard)).column("url").to_pylist()
+        assert rows == [f"u{o}" for o in range(3 * shard, min(3 * shard + 3, first))]
