@@ -165,6 +165,10 @@ def test_empty_input_is_an_empty_dataset_with_stats(ray_local, tmp_path):
     assert stats["totals"] == {"input": 0, "kept": 0, "dropped": {}, "shards": 0}
     assert storage.read_json(f"{out}/_stats.json")["totals"] == stats["totals"]
     assert pq.read_table(f"{out}/_index.parquet").num_rows == 0
+    from pipelines.fingerprint import StaleOutput
+
+    with pytest.raises(StaleOutput, match="samples_per_shard.*redo=true"):  # the plan is not reused blindly
+        build_crawl(urls, crawl_config(samples_per_shard=5), out)
 
 
 def test_empty_curation_result_is_an_empty_dataset(ray_local, tmp_path, monkeypatch):
