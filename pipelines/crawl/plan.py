@@ -13,6 +13,7 @@ Naming (`Layout`) is img2dataset's convention: shard `g` is a slice of the input
 from __future__ import annotations
 
 import bisect
+import functools
 import io
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -70,8 +71,7 @@ class Plan:
         """(part uri, first row in the part, rows) covering shard `shard`'s rows, in order."""
         start = shard * self.samples_per_shard
         end = min(start + self.samples_per_shard, self.num_input)
-        firsts = [p[1] for p in self.parts]
-        i = bisect.bisect_right(firsts, start) - 1
+        i = bisect.bisect_right(self._firsts, start) - 1
         out = []
         while start < end:
             name, first, rows = self.parts[i]
@@ -81,6 +81,10 @@ class Plan:
                 start += take
             i += 1
         return out
+
+    @functools.cached_property
+    def _firsts(self) -> list[int]:  # first ordinal of each part (read once the plan is complete)
+        return [p[1] for p in self.parts]
 
     def to_dict(self) -> dict[str, Any]:
         return {"samples_per_shard": self.samples_per_shard, "num_input": self.num_input, "parts": self.parts}
