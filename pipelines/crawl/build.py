@@ -56,10 +56,20 @@ def read_url_table(uri: str) -> ray.data.Dataset:
         ds = ray.data.read_json(uri, lines=True)
     else:
         ds = ray.data.read_parquet(uri)
-    missing = {"url", "caption"} - set(ds.schema().names)
+    missing = {"url", "caption"} - set(column_names(uri, ds))
     if missing:
         raise InputError(f"{uri}: the crawl input needs columns url and caption; missing {sorted(missing)}")
     return ds
+
+
+def column_names(uri: str, ds: ray.data.Dataset) -> list[str]:
+    """The input's columns: from Parquet footers directly (no Ray Data job), else from the dataset."""
+    if uri.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".json", ".jsonl", ".json.gz", ".jsonl.gz")):
+        return ds.schema().names
+    import pyarrow.dataset as pads
+
+    fs, path = storage.resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").schema.names
 
 
 @dataclass
