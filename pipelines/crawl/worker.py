@@ -59,13 +59,16 @@ class StageAdapter:
         finally:
             self.free.put_nowait(stage)
 
-    def close(self) -> None:
-        stages = [self.shared] if self.shared is not None else []
+    async def close(self) -> None:
+        """Close sessions and pools: a shared stage on this loop, per-slot stages (each with its own
+        event loop) in a thread, since their close runs that loop."""
+        if self.shared is not None:
+            aclose = getattr(self.shared, "aclose", None)
+            await aclose() if aclose else self.shared.close()
         while self.free is not None and not self.free.empty():
-            stages.append(self.free.get_nowait())
-        for stage in stages:
+            stage = self.free.get_nowait()
             if hasattr(stage, "close"):
-                stage.close()
+                await asyncio.to_thread(stage.close)
 
 
 async def crawl_table(crawler: StageAdapter, table: pa.Table, batch_size: int) -> pa.Table:
@@ -141,4 +144,4 @@ class ShardWorker:
 
     async def close(self) -> None:
         if self.crawler is not None:
-            self.crawler.close()
+            await self.crawler.close()
