@@ -57,6 +57,7 @@ def main() -> None:
                     "elapsed_s": elapsed,
                     "wall_s": wall,
                     "images_per_s": kept / elapsed,
+                    "dropped": stats["totals"]["dropped"],
                 }
     finally:
         cluster.stop()
@@ -65,6 +66,7 @@ def main() -> None:
     for name, r in results.items():
         print(
             f"{name:>8} {r['kept']:>7} {r['elapsed_s']:>8.1f} {r['wall_s']:>11.1f} {r['images_per_s']:>9.1f}"
+            f"  dropped: {r['dropped']}"
         )
     clean, tail = results["clean"]["images_per_s"], results["tail"]["images_per_s"]
     print(json.dumps({"images_per_s_clean": round(clean, 1), "images_per_s_tail": round(tail, 1),
