@@ -1,11 +1,12 @@
-"""The whole WIT build as one job: curation (queries, candidates, filters, matching, balancing) -> crawl ->
-image checks -> dedupe -> shards + `_stats.json`.
+"""The whole WIT build as one job: curation (queries, candidates, filters, matching, balancing) -> crawl
+plan -> shard workers (crawl, image checks, shard writing) -> dedupe -> `_stats.json`, `_index.parquet`.
 
-Either `urls` names a plain url+caption table (curation skipped) or the curation config runs first. The
-curated pairs are a checkpoint of their own: when `{curation.output}/_stats.json` exists they are reused,
-so a rerun after a kill goes straight to the crawl, which resumes from its committed shards. Curated rows
-are crawled in the order of a hash of (url, caption): deterministic whatever order curation wrote them
-in, and it spreads each domain's URLs over the crawl instead of hitting one host in bursts.
+Either `urls` names a plain url+caption table (curation skipped, crawled in input order) or the curation
+runs first (`curate` decides whether its own output can be reused). Curated rows are crawled in the order
+of a hash of (url, caption): deterministic whatever order curation wrote them in, and it spreads each
+domain's URLs over the crawl instead of hitting one host in bursts. The plan is written once under the
+output and reused by a rerun only when the curation's settings and files are the ones it was made from
+(else the job names what differs; `redo=true` starts the output over).
 """
 
 from __future__ import annotations
@@ -17,9 +18,14 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from pipelines import storage
-from pipelines.crawl.build import STATS_FILE, CrawlConfig, build_crawl, read_url_table
-from pipelines.stats import write_stats
+from pipelines import shards, storage
+from pipelines.config import config_to_dict
+from pipelines.crawl import aggregate
+from pipelines.crawl.build import STATS_FILE, build_crawl
+from pipelines.crawl.config import CrawlConfig
+from pipelines.crawl.plan import PLAN_DIR
+from pipelines.crawl.shard import ROWS_DIR
+from pipelines.fingerprint import input_listing
 from pipelines.wit.curate import CurationConfig, curate
 
 
@@ -33,6 +39,8 @@ class BuildWITConfig:
     urls: str = ""
     curation: CurationConfig = field(default_factory=CurationConfig)
     crawl: CrawlConfig = field(default_factory=CrawlConfig)
+    # Delete this build's plan, shards and stats under `output` and start over (after a settings change).
+    redo: bool = False
 
 
 def crawl_order(batch: pa.Table) -> pa.Table:
@@ -43,21 +51,54 @@ def crawl_order(batch: pa.Table) -> pa.Table:
     return batch.append_column("crawl_order", pa.array(keys, pa.int64()))
 
 
-def curated_source(cfg: BuildWITConfig) -> tuple[ray.data.Dataset, dict[str, Any]]:
-    stats_uri = storage.join(cfg.curation.output, "_stats.json")
-    curation_stats = storage.read_json(stats_uri) if storage.exists(stats_uri) else curate(cfg.curation)
-    ds = ray.data.read_parquet(cfg.curation.output, file_extensions=["parquet"])
-    ds = ds.map_batches(crawl_order, batch_format="pyarrow").sort(["crawl_order", "url", "caption"])
-    return ds.drop_columns(["crawl_order"]), curation_stats
+class CuratedSource:
+    """The curated pairs in crawl order, curating first; remembers the curation's stats."""
+
+    def __init__(self, cfg: CurationConfig):
+        self.cfg = cfg
+        self.curation_stats: dict[str, Any] | None = None
+
+    def __call__(self) -> ray.data.Dataset | None:
+        self.curation_stats = curate(self.cfg)
+        if not self.files():  # an empty curation result: an empty dataset
+            return None
+        ds = ray.data.read_parquet(self.cfg.output, file_extensions=["parquet"])
+        ds = ds.map_batches(crawl_order, batch_format="pyarrow").sort(["crawl_order", "url", "caption"])
+        return ds.drop_columns(["crawl_order"])
+
+    def files(self) -> list[dict[str, Any]]:
+        if not storage.exists(self.cfg.output):
+            return []
+        return [r for r in input_listing([self.cfg.output]) if r["uri"].endswith(".parquet")]
+
+    def settings(self) -> dict[str, Any]:
+        """What the plan is made from: the curation's config and its Parquet files."""
+        return {"curation": config_to_dict(self.cfg), "curated_files": self.files()}
+
+    def stats(self) -> dict[str, Any]:
+        if self.curation_stats is None:  # the plan was reused: curation did not run now
+            uri = storage.join(self.cfg.output, STATS_FILE)
+            self.curation_stats = storage.read_json(uri) if storage.exists(uri) else {}
+        return {"curation": self.curation_stats}
+
+
+def clear_output(out_uri: str) -> None:
+    """Remove what a build writes under `out_uri` (plan, sidecars, shards, manifests, stats, index)."""
+    for folder in (PLAN_DIR, ROWS_DIR):
+        storage.delete(storage.join(out_uri, folder))
+    suffixes = (".tar", ".parquet", shards.MANIFEST_SUFFIX, STATS_FILE)
+    for uri in storage.list_files(out_uri):
+        if uri.endswith(suffixes) or uri.endswith(aggregate.INDEX_FILE):
+            storage.delete(uri)
 
 
 def build_wit(cfg: BuildWITConfig) -> dict[str, Any]:
     """Runs (or resumes) the build; returns the stats written to `{output}/_stats.json`."""
+    if cfg.redo:
+        clear_output(cfg.output)
     if cfg.urls:
-        stats = build_crawl(read_url_table(cfg.urls), cfg.crawl, cfg.output, cfg.formats)
-    else:
-        source, curation_stats = curated_source(cfg)
-        stats = build_crawl(source, cfg.crawl, cfg.output, cfg.formats)
-        stats["curation"] = curation_stats
-        write_stats(storage.join(cfg.output, STATS_FILE), stats)
-    return stats
+        return build_crawl(cfg.urls, cfg.crawl, cfg.output, cfg.formats)
+    source = CuratedSource(cfg.curation)
+    return build_crawl(
+        source, cfg.crawl, cfg.output, cfg.formats, settings=source.settings, extra_stats=source.stats
+    )

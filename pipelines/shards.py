@@ -44,7 +44,9 @@ def tar_bytes(samples: Sequence[dict[str, Any]]) -> bytes:
             key = s["key"]
             _tar_member(tar, f"{key}.jpg", s["jpg"])
             _tar_member(tar, f"{key}.txt", s["txt"].encode("utf-8"))
-            _tar_member(tar, f"{key}.json", json.dumps(s["json"], sort_keys=True, ensure_ascii=False).encode())
+            _tar_member(
+                tar, f"{key}.json", json.dumps(s["json"], sort_keys=True, ensure_ascii=False).encode()
+            )
     return buf.getvalue()
 
 
@@ -75,14 +77,10 @@ def keys_digest(keys: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def write_shard(
-    samples: Sequence[dict[str, Any]],
-    out_uri: str,
-    shard_name: str,
-    formats: Sequence[str] = FORMATS,
-    stats: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write one shard in each format, then its manifest (the commit). Returns the manifest."""
+def write_shard_files(
+    samples: Sequence[dict[str, Any]], out_uri: str, shard_name: str, formats: Sequence[str] = FORMATS
+) -> dict[str, int]:
+    """Write one shard's data files (each atomically). Returns {file name: bytes}."""
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise ValueError(f"unknown shard format(s) {sorted(unknown)}; choose from {list(FORMATS)}")
@@ -95,6 +93,17 @@ def write_shard(
         data = parquet_bytes(samples)
         storage.write_bytes_atomic(storage.join(out_uri, f"{shard_name}.parquet"), data)
         files[f"{shard_name}.parquet"] = len(data)
+    return files
+
+
+def write_manifest(
+    samples: Sequence[dict[str, Any]],
+    out_uri: str,
+    shard_name: str,
+    files: dict[str, int],
+    stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The commit of a shard whose files are written: counts and sizes, never per-sample lists."""
     manifest = {
         "shard": shard_name,
         "count": len(samples),
@@ -107,11 +116,29 @@ def write_shard(
     return manifest
 
 
+def write_shard(
+    samples: Sequence[dict[str, Any]],
+    out_uri: str,
+    shard_name: str,
+    formats: Sequence[str] = FORMATS,
+    stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write one shard in each format, then its manifest (the commit). Returns the manifest."""
+    files = write_shard_files(samples, out_uri, shard_name, formats)
+    return write_manifest(samples, out_uri, shard_name, files, stats)
+
+
+def committed_names(out_uri: str) -> set[str]:
+    """Names of the committed shards, found by listing (no manifest is read)."""
+    return {
+        u.rsplit("/", 1)[-1][: -len(MANIFEST_SUFFIX)] for u in storage.list_files(out_uri, MANIFEST_SUFFIX)
+    }
+
+
 def committed_shards(out_uri: str) -> dict[str, dict[str, Any]]:
     """Manifests of the committed shards under `out_uri`, by shard name."""
     return {
-        m["shard"]: m
-        for m in (storage.read_json(u) for u in storage.list_files(out_uri, MANIFEST_SUFFIX))
+        m["shard"]: m for m in (storage.read_json(u) for u in storage.list_files(out_uri, MANIFEST_SUFFIX))
     }
 
 
@@ -155,7 +182,12 @@ def read_shard_samples(uri: str) -> Iterator[dict[str, Any]]:
 def shard_files(out_uri: str, fmt: str = "webdataset") -> list[str]:
     """URIs of the committed shard files of one format, in name order."""
     ext = ".tar" if fmt == "webdataset" else ".parquet"
-    return [storage.join(out_uri, name) for m in committed_shards(out_uri).values() for name in m["files"] if name.endswith(ext)]
+    return [
+        storage.join(out_uri, name)
+        for m in committed_shards(out_uri).values()
+        for name in m["files"]
+        if name.endswith(ext)
+    ]
 
 
 def write_dataset(

@@ -1,7 +1,8 @@
 """The funnel: how many records each stage received, kept and dropped (by reason), plus counters.
 
-Stages compute counts for the batch they process (pure functions, testable without Ray); in a Ray Data
-graph they send them to one named `StatsActor`, and the job writes the merged result as `_stats.json`.
+Stages compute counts for the batch they process (pure functions, testable without Ray) and return or write
+them as data (a shard's manifest, a per-task record) that the job reduces into `_stats.json`, so a retried
+task changes nothing. `StatsActor` (side-effect counting) is deprecated and will be removed.
 The invariant `n_in == n_out + sum(dropped)` holds per stage, so every input record is accounted for.
 """
 
@@ -72,7 +73,8 @@ class Funnel:
 
 @ray.remote(num_cpus=0)
 class StatsActor:
-    """Collects funnel counts from Ray Data workers (fire-and-forget `.record.remote(...)`)."""
+    """Deprecated (a retried task counts twice): collects funnel counts from Ray Data workers. To be removed
+    once the curation stops using it; the crawl build reduces per-shard manifests instead."""
 
     def __init__(self) -> None:
         self.funnel = Funnel()

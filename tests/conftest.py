@@ -4,6 +4,7 @@ cluster for job submission, and a loopback HTTP server. Everything listens on 12
 from __future__ import annotations
 
 import http.server
+import io
 import os
 import shutil
 import socket
@@ -15,9 +16,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from pipelines import storage
 from pipelines.local_cluster import LOOPBACK_ENV, LocalRayCluster, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +185,7 @@ def single_thread():
 def _crawl_config(**overrides):
     """The crawl tests' CrawlConfig: loopback-only fetching with short timeouts, 64 px images, 8 samples a
     shard, one small worker; keyword arguments override CrawlConfig fields."""
-    from pipelines.crawl.build import CrawlConfig
+    from pipelines.crawl.config import CrawlConfig
     from pipelines.crawl.fetch import FetchConfig
     from pipelines.crawl.images import ImageConfig
 
@@ -199,3 +202,21 @@ def _crawl_config(**overrides):
 def crawl_config():
     """Builder of the crawl tests' CrawlConfig: `crawl_config(**overrides)` (see `_crawl_config`)."""
     return _crawl_config
+
+
+def dataset_state(out: str) -> dict:
+    """Every byte the build published, with `_stats.json` minus its timing section."""
+    state = {}
+    for uri in storage.list_files(out):
+        name = uri.rsplit("/", 1)[1]
+        if name == "_stats.json":
+            stats = storage.read_json(uri)
+            stats.pop("run")
+            state[name] = stats
+        elif name == "_index.parquet":
+            state[name] = pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist()
+        else:
+            state[name] = storage.read_bytes(uri)
+    for uri in storage.list_files(f"{out}/_rows"):
+        state["_rows/" + uri.rsplit("/", 1)[1]] = storage.read_bytes(uri)
+    return state

@@ -14,7 +14,8 @@ from PIL import Image
 from pipelines import shards
 from pipelines.build_wit import BuildWITConfig
 from pipelines.config import load_config
-from pipelines.crawl.build import Layout, build_crawl
+from pipelines.crawl.build import build_crawl
+from pipelines.crawl.plan import Layout
 from pipelines.crawl.testsite import build_site
 
 
@@ -105,13 +106,12 @@ def test_demo_config_loads():
     assert cfg.crawl.crawler == "ray" and cfg.output and cfg.curation.output
 
 
-def test_crawl_stage_declares_resources(ray_local, crawl_config):
-    import ray
+def test_shard_workers_declare_resources(ray_local, crawl_config):
+    from pipelines.crawl.dispatch import ShardPool, worker_count
 
-    from pipelines.crawl.build import crawl_stage_dataset
-
-    ds = crawl_stage_dataset(
-        ray.data.from_items([{"url": "x", "caption": "y"}]),
-        crawl_config(worker_resources={"crawl": 1}, num_cpus_per_worker=0.25),
-    )
-    assert ds._logical_plan.dag.ray_remote_args == {"num_cpus": 0.25, "resources": {"crawl": 1}}
+    cfg = crawl_config(worker_resources={"crawl": 1}, num_cpus_per_worker=0.25, shards_per_worker=3)
+    pool = ShardPool(cfg, (), num_workers=1)
+    assert pool.options["num_cpus"] == 0.25 and pool.options["resources"] == {"crawl": 1}
+    assert pool.options["max_concurrency"] == 3 + 2
+    assert worker_count(crawl_config(num_workers=4, shards_per_worker=1), num_shards=5) == 4
+    assert worker_count(crawl_config(num_workers=4, shards_per_worker=4), num_shards=5) == 2  # no idle ones

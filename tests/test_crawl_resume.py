@@ -54,7 +54,7 @@ def write_config(tmp: Path, rows, output: str) -> Path:
         "urls": str(tmp / "urls.parquet"),
         "crawl": {
             "samples_per_shard": PER_SHARD, "batch_size": PER_SHARD, "num_workers": 1,
-            "num_cpus_per_worker": 0.5, "writer_threads": 1,
+            "num_cpus_per_worker": 0.5,
             "fetch": {"allowed_networks": ["127.0.0.0/8"], "max_retries": 0, "per_host_rate": 1000},
             "image": {"image_size": 32, "min_size": 16},
         },

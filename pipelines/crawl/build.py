@@ -1,405 +1,183 @@
-"""The crawl graph: url+caption rows -> crawl (fetch + image checks) -> dedupe -> shards + `_stats.json`.
+"""The crawl build: plan -> shard workers -> retry pass -> dedupe + compaction -> `_stats.json`, `_index.parquet`.
 
-Exact resume and determinism come from the input, never from timing:
-- every input row gets an `ordinal` (its position in the input, in order); shard `g` holds the rows
-  with `ordinal // samples_per_shard == g` that survive (img2dataset's convention: a shard is a slice
-  of the input, so it holds at most `samples_per_shard` samples); the key is `{g}{ordinal % S}`.
-- rows of committed shards (a manifest exists) are not crawled again.
-- content de-duplication keeps the first copy in input order: shard `g` drops an image whose sha256
-  was kept by any shard `< g`. The driver decides shard by shard in order (Ray Data's
-  `preserve_order`), with the hashes of committed shards read back from their manifests, so a rerun
-  after a kill keeps exactly what an uninterrupted run keeps.
-- each manifest carries its shard's funnel (input, fetch, image, dedupe: in/out/dropped by reason,
-  per query, per domain, bytes), and `_stats.json` is their sum plus this run's throughput, so every
-  input record is accounted for even across restarts.
-
-Shards are written by a small thread pool in the driver while the crawl keeps streaming.
+The driver holds the plan (parts and row counts), the names of committed shards (by listing) and counts;
+every row, image and hash stays in tasks and files:
+1. plan (pipelines/crawl/plan.py): the input numbered in order and cut into shards, written once;
+2. shard workers (worker.py, dispatch.py): each crawls, checks and writes whole shards and returns a small
+   record; a rerun crawls only the shards without a manifest;
+3. retry pass (`crawl.retry_failed=true`): re-fetches only the URLs that failed for a transient reason,
+   into their shards;
+4. dedupe (dedupe.py): exact sha256 duplicates across the dataset, first copy in input order wins,
+   affected shards rewritten;
+5. stats (aggregate.py): `_stats.json` and, last, `_index.parquet` (shard -> samples, bytes).
+The shards are the same bytes whatever the number of workers and the order in which shards finish.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-import pyarrow as pa
 import ray
 
 from pipelines import shards, storage
-from pipelines.crawl.crawl import CrawlStage, drop_stage
-from pipelines.crawl.fetch import FetchConfig
-from pipelines.crawl.images import ImageConfig
+from pipelines.crawl import aggregate
+from pipelines.crawl.config import CrawlConfig
+from pipelines.crawl.dedupe import dedupe_and_compact
+from pipelines.crawl.dispatch import ShardPool, worker_count
+from pipelines.crawl.plan import Plan, reusable_plan, write_plan
+from pipelines.fingerprint import fingerprint, input_listing
 from pipelines.stats import Funnel, write_stats
 
 log = logging.getLogger(__name__)
 
 STATS_FILE = "_stats.json"
-INTERNAL_COLUMNS = ("ordinal", "group")
-CRAWL_COLUMNS = (
-    "status", "jpg", "sha256", "width", "height", "original_width", "original_height",
-    "original_format", "http_status", "download_bytes", "attempts",
-)  # fmt: skip
+Source = str | ray.data.Dataset | Callable[[], "ray.data.Dataset | None"]
 
 
-@dataclass
-class Img2DatasetConfig:
-    # The venv holding img2dataset (scripts/setup_img2dataset.sh); relative to the working dir.
-    venv: str = ".venv-img2dataset"
-    processes_count: int = 1
-    thread_count: int = 32
-    timeout_s: int = 10
-    retries: int = 0
-
-
-@dataclass
-class CrawlConfig:
-    crawler: str = "ray"  # "ray" (our fetcher) or "img2dataset" (its downloader, run per batch)
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-    image: ImageConfig = field(default_factory=ImageConfig)
-    img2dataset: Img2DatasetConfig = field(default_factory=Img2DatasetConfig)
-    samples_per_shard: int = 1000  # input rows per shard; a shard holds those that survive
-    dedupe: bool = True  # drop exact duplicates (sha256 of the downloaded bytes) across the dataset
-    batch_size: int = 256  # URLs per crawl batch
-    num_workers: int = 2  # crawl actors
-    num_cpus_per_worker: float = 1.0
-    # Custom resources each crawl worker asks for, e.g. {"crawl": 1} to run on the autoscaler's
-    # crawl node type. Empty by default (a local Ray has no such resource).
-    worker_resources: dict[str, float] = field(default_factory=dict)
-    decode_threads: int = 2  # image-check threads per crawl worker
-    writer_threads: int = 4  # shard writes in flight in the driver
-
-    def __post_init__(self) -> None:
-        if self.crawler not in ("ray", "img2dataset"):
-            raise ValueError(f"crawler must be 'ray' or 'img2dataset', got {self.crawler!r}")
-        if self.samples_per_shard < 1:
-            raise ValueError("samples_per_shard must be >= 1")
-
-
-# ---------------------------------------------------------------- input
-
-
-@ray.remote(num_cpus=0)
-def _num_rows(table: pa.Table) -> int:
-    return table.num_rows
-
-
-@ray.remote(num_cpus=0)
-def _shard_slice(
-    table: pa.Table, start: int, length: int, first_ordinal: int, samples_per_shard: int
-) -> pa.Table:
-    """Rows [start, start + length) of an input block, numbered from `first_ordinal`: one shard's rows."""
-    table = table.slice(start, length)
-    table = table.drop_columns([c for c in INTERNAL_COLUMNS if c in table.column_names])
-    ordinal = pa.array(range(first_ordinal, first_ordinal + table.num_rows), type=pa.int64())
-    group = pa.array([first_ordinal // samples_per_shard] * table.num_rows, type=pa.int64())
-    return table.append_column("ordinal", ordinal).append_column("group", group)
+class InputError(ValueError):
+    """A missing or unusable input (reported in one line by the job)."""
 
 
 def read_url_table(uri: str) -> ray.data.Dataset:
     """A url+caption table: Parquet, CSV, TSV or JSON lines (a file or a folder of them)."""
+    if not storage.exists(uri):
+        raise InputError(f"input not found: {uri}")
     if uri.endswith((".csv", ".csv.gz")):
-        return ray.data.read_csv(uri)
-    if uri.endswith((".tsv", ".tsv.gz")):
+        ds = ray.data.read_csv(uri)
+    elif uri.endswith((".tsv", ".tsv.gz")):
         import pyarrow.csv as pacsv
 
-        return ray.data.read_csv(uri, parse_options=pacsv.ParseOptions(delimiter="\t"))
-    if uri.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
-        return ray.data.read_json(uri, lines=True)
-    return ray.data.read_parquet(uri)
-
-
-def shard_slices(
-    ds: ray.data.Dataset, samples_per_shard: int, skip_groups: set[int]
-) -> tuple[ray.data.Dataset | None, int]:
-    """Numbers the rows in input order (needs `preserve_order`) and cuts them into one block per shard
-    (so each shard's results stream out as soon as it is crawled), leaving out `skip_groups`.
-    Returns the dataset (None if nothing is left) and the number of input rows."""
-    refs = ds.to_arrow_refs()
-    counts = ray.get([_num_rows.remote(r) for r in refs])
-    slices, offset = [], 0
-    for ref, n in zip(refs, counts):
-        start = 0
-        while start < n:
-            ordinal = offset + start
-            length = min(n - start, samples_per_shard - ordinal % samples_per_shard)
-            if ordinal // samples_per_shard not in skip_groups:
-                slices.append(_shard_slice.remote(ref, start, length, ordinal, samples_per_shard))
-            start += length
-        offset += n
-    return (ray.data.from_arrow_refs(slices) if slices else None), offset
-
-
-def _check_columns(ds: ray.data.Dataset) -> None:
-    names = ds.schema().names
-    missing = {"url", "caption"} - set(names)
+        ds = ray.data.read_csv(uri, parse_options=pacsv.ParseOptions(delimiter="\t"))
+    elif uri.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")):
+        ds = ray.data.read_json(uri, lines=True)
+    else:
+        ds = ray.data.read_parquet(uri)
+    missing = {"url", "caption"} - set(column_names(uri, ds))
     if missing:
-        raise ValueError(
-            f"the crawl input needs columns url and caption; missing {sorted(missing)} in {names}"
-        )
+        raise InputError(f"{uri}: the crawl input needs columns url and caption; missing {sorted(missing)}")
+    return ds
 
 
-# ---------------------------------------------------------------- naming
+def column_names(uri: str, ds: ray.data.Dataset) -> list[str]:
+    """The input's columns: from Parquet footers directly (no Ray Data job), else from the dataset."""
+    if uri.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".json", ".jsonl", ".json.gz", ".jsonl.gz")):
+        return ds.schema().names
+    import pyarrow.dataset as pads
+
+    fs, path = storage.resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").schema.names
 
 
-@dataclass(frozen=True)
-class Layout:
-    num_input: int
-    samples_per_shard: int
+@dataclass
+class RunCounts:
+    """What this run did (the driver's only per-run state besides the plan)."""
 
-    @property
-    def num_shards(self) -> int:
-        return -(-self.num_input // self.samples_per_shard)
-
-    @property
-    def shard_width(self) -> int:
-        return max(5, len(str(max(0, self.num_shards - 1))))
-
-    def shard_name(self, group: int) -> str:
-        return f"{group:0{self.shard_width}d}"
-
-    def key(self, ordinal: int) -> str:
-        group, index = divmod(ordinal, self.samples_per_shard)
-        return f"{self.shard_name(group)}{index:0{len(str(self.samples_per_shard - 1))}d}"
-
-    def group_size(self, group: int) -> int:
-        return min(self.samples_per_shard, self.num_input - group * self.samples_per_shard)
+    shards_written: int = 0
+    samples_written: int = 0
+    shards_retried: int = 0
+    shards_compacted: int = 0
 
 
-# ---------------------------------------------------------------- shard assembly
+def ensure_plan(source: Source, cfg: CrawlConfig, out_uri: str, fp_settings: Callable[[], dict]) -> Plan:
+    """The committed plan when it was made from these settings and inputs, else a new one."""
+    plan = reusable_plan(out_uri, fingerprint(fp_settings()))
+    if plan is not None:
+        return plan
+    if isinstance(source, str):
+        ds = read_url_table(source)
+    elif isinstance(source, ray.data.Dataset):
+        ds = source
+    else:
+        ds = source()
+    return write_plan(ds, out_uri, cfg.samples_per_shard, fingerprint(fp_settings()))
 
 
-def domain_of(url: Any) -> str:
+def crawl_shards(
+    plan: Plan, cfg: CrawlConfig, out_uri: str, formats: Sequence[str], counts: RunCounts
+) -> None:
+    """Crawl the shards without a manifest, then (if asked) retry the transient failures."""
+    layout = plan.layout
+    done = shards.committed_names(out_uri)
+    pending = [g for g in range(layout.num_shards) if layout.shard_name(g) not in done]
+    log.info("crawl: %d input rows, %d shards, %d to crawl", plan.num_input, layout.num_shards, len(pending))
+    retry: list[int] = []
+    if cfg.retry_failed and layout.num_shards:
+        retry = [int(n) for n in aggregate.summarise(out_uri)[2]]  # committed earlier, failures to retry
+    if not pending and not retry:
+        return
+    pool = ShardPool(
+        cfg, (cfg, out_uri, list(formats), layout), worker_count(cfg, max(len(pending), len(retry)))
+    )
     try:
-        return urlsplit(str(url)).hostname or "invalid"
-    except ValueError:
-        return "invalid"
-
-
-def group_funnel(rows: list[dict[str, Any]], duplicates: set[int]) -> Funnel:
-    """The funnel of one shard's input rows (ordered), `duplicates` = ordinals dropped by dedupe."""
-    funnel = Funnel()
-    n = len(rows)
-    fetch_drops: dict[str, int] = {}
-    image_drops: dict[str, int] = {}
-    for r in rows:
-        reason = r["status"]
-        domain, query = domain_of(r["url"]), str(r.get("query") or "")
-        funnel.count("per_domain_attempts", domain)
-        funnel.count("per_query_input", query)
-        funnel.count("bytes", "downloaded", int(r.get("download_bytes") or 0))
-        if reason:
-            target = image_drops if drop_stage(reason) == "image" else fetch_drops
-            target[reason] = target.get(reason, 0) + 1
-            funnel.count("per_domain_failures", f"{domain} {reason}")
-        elif r["ordinal"] in duplicates:
-            funnel.count("per_domain_failures", f"{domain} duplicate")
-        else:
-            funnel.count("per_domain_kept", domain)
-            funnel.count("per_query_kept", query)
-            funnel.count("bytes", "jpg_written", len(r["jpg"]))
-    fetched = n - sum(fetch_drops.values())
-    decoded = fetched - sum(image_drops.values())
-    funnel.record("input", n, n, {})
-    funnel.record("fetch", n, fetched, fetch_drops)
-    funnel.record("image", fetched, decoded, image_drops)
-    funnel.record(
-        "dedupe", decoded, decoded - len(duplicates), {"duplicate": len(duplicates)} if duplicates else {}
-    )
-    return funnel
-
-
-def to_sample(row: dict[str, Any], layout: Layout) -> dict[str, Any]:
-    meta = {k: v for k, v in row.items() if k not in ("jpg", "status", "group") and v is not None}
-    meta["key"] = layout.key(row["ordinal"])
-    meta.setdefault("query", "")
-    meta["caption"] = str(row.get("caption") or "")
-    return {"key": meta["key"], "jpg": row["jpg"], "txt": meta["caption"], "json": meta}
-
-
-class ShardAssembler:
-    """Consumes crawled rows in input order, decides dedupe shard by shard, writes shards."""
-
-    def __init__(
-        self,
-        cfg: CrawlConfig,
-        out_uri: str,
-        layout: Layout,
-        committed: dict[str, dict],
-        formats: Sequence[str],
-    ):
-        self.cfg = cfg
-        self.formats = list(formats)
-        self.out_uri = out_uri
-        self.layout = layout
-        self.committed = committed
-        self.seen: set[str] = set()
-        self.next_committed = sorted(int(name) for name in committed if name.isdigit())
-        self.pool = ThreadPoolExecutor(max(1, cfg.writer_threads), thread_name_prefix="shard-writer")
-        self.pending: list[Future] = []
-        self.current: int | None = None
-        self.rows: list[dict[str, Any]] = []
-        self.written = 0
-        self.kept = 0
-
-    def add_batch(self, table: pa.Table) -> None:
-        for row in table.to_pylist():
-            group = int(row["group"])
-            if self.current is not None and group != self.current:
-                raise RuntimeError(f"shard {self.current} is incomplete when rows of shard {group} arrive")
-            self.current = group
-            self.rows.append(row)
-            if len(self.rows) == self.layout.group_size(group):
-                self._finish_group()
-
-    def close(self) -> None:
-        if self.rows:
-            self._finish_group()
-        for f in self.pending:
-            f.result()
-        self.pool.shutdown()
-
-    def _absorb_committed_before(self, group: int) -> None:
-        while self.next_committed and self.next_committed[0] < group:
-            manifest = self.committed[self.layout.shard_name(self.next_committed.pop(0))]
-            self.seen.update(manifest["stats"].get("sha256", []))
-
-    def _finish_group(self) -> None:
-        group, rows = self.current, sorted(self.rows, key=lambda r: r["ordinal"])
-        self.rows, self.current = [], None
-        expected = self.layout.group_size(group)
-        if len(rows) != expected:
-            raise RuntimeError(f"shard {group}: got {len(rows)} rows, expected {expected}")
-        self._absorb_committed_before(group)
-        duplicates: set[int] = set()
-        samples = []
-        for row in rows:
-            if row["status"]:
-                continue
-            if self.cfg.dedupe and row["sha256"] in self.seen:
-                duplicates.add(row["ordinal"])
-                continue
-            self.seen.add(row["sha256"])
-            samples.append(to_sample(row, self.layout))
-        funnel = group_funnel(rows, duplicates)
-        funnel.check()
-        stats = {"funnel": funnel.to_dict(), "sha256": [s["json"]["sha256"] for s in samples]}
-        self.kept += len(samples)
-        self.written += 1
-        # Bound the samples held in memory by the writer queue; .result() re-raises write errors.
-        while len(self.pending) >= 2 * self.cfg.writer_threads:
-            self.pending.pop(0).result()
-        self.pending.append(
-            self.pool.submit(
-                shards.write_shard,
-                samples,
-                self.out_uri,
-                self.layout.shard_name(group),
-                self.formats,
-                stats,
-            )
-        )
-
-
-# ---------------------------------------------------------------- the graph
-
-
-def crawl_stage_dataset(ds: ray.data.Dataset, cfg: CrawlConfig) -> ray.data.Dataset:
-    """Adds the crawl stage (ours or img2dataset's) with its declared resources."""
-    common: dict[str, Any] = {
-        "batch_format": "pyarrow",
-        "compute": ray.data.ActorPoolStrategy(size=cfg.num_workers),
-        "num_cpus": cfg.num_cpus_per_worker,
-    }
-    if cfg.worker_resources:
-        common["resources"] = dict(cfg.worker_resources)
-    if cfg.crawler == "img2dataset":
-        from pipelines.crawl.img2dataset_engine import Img2DatasetStage
-
-        return ds.map_batches(
-            Img2DatasetStage,
-            fn_constructor_kwargs={"config": cfg},
-            batch_size=max(cfg.batch_size, cfg.samples_per_shard),
-            **common,
-        )
-    return ds.map_batches(
-        CrawlStage,
-        fn_constructor_kwargs={
-            "fetch": cfg.fetch,
-            "image": cfg.image,
-            "num_workers": cfg.num_workers,
-            "decode_threads": cfg.decode_threads,
-        },
-        batch_size=cfg.batch_size,
-        **common,
-    )
+        for record in pool.run("crawl_shard", pending, lambda g: (plan.pieces(g),)):
+            counts.shards_written += 1
+            counts.samples_written += record["count"]
+            if cfg.retry_failed and record["transient"]:
+                retry.append(int(record["shard"]))
+        for _ in pool.run("retry_shard", sorted(set(retry)), lambda g: (plan.pieces(g),)):
+            counts.shards_retried += 1
+    finally:
+        pool.close()
 
 
 def build_crawl(
-    source: str | ray.data.Dataset,
+    source: Source,
     cfg: CrawlConfig,
     out_uri: str,
     formats: Sequence[str] = ("webdataset", "parquet"),
+    settings: Callable[[], Mapping[str, Any]] | None = None,
+    extra_stats: Callable[[], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Crawls `source` (a url+caption table path, or a Dataset) into shards under `out_uri`.
+    """Crawls `source` (a url+caption table path, a Dataset, or a function giving one) into shards under
+    `out_uri`; returns the stats written to `{out_uri}/_stats.json`. A rerun resumes.
 
-    Returns the stats written to `{out_uri}/_stats.json`. Rerunning resumes: committed shards are kept.
-    """
+    `settings` gives what else shaped the input (e.g. the curation's config and files) for the plan's
+    fingerprint; `extra_stats` gives sections added to `_stats.json` (e.g. the curation's)."""
     started = time.time()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ds = read_url_table(source) if isinstance(source, str) else source
-    _check_columns(ds)
     storage.makedirs(out_uri)
-    committed = {
-        name: m for name, m in shards.committed_shards(out_uri).items() if "funnel" in m.get("stats", {})
-    }
-    todo, num_input = shard_slices(ds, cfg.samples_per_shard, {int(n) for n in committed})
-    layout = Layout(num_input, cfg.samples_per_shard)
-    log.info(
-        "crawl: %d input rows, %d shards, %d already committed", num_input, layout.num_shards, len(committed)
-    )
-    assembler = ShardAssembler(cfg, out_uri, layout, committed, formats)
-    if todo is not None:
-        for batch in iter_crawled(crawl_stage_dataset(todo, cfg)):
-            assembler.add_batch(batch)
-    assembler.close()
-    return write_build_stats(out_uri, layout, cfg, started, assembler)
+
+    def fp_settings() -> dict:
+        base = {"crawl": cfg.content_settings(), "formats": sorted(formats)}
+        if isinstance(source, str):
+            base["source"] = input_listing([source])
+        return {**base, **(settings() if settings else {})}
+
+    plan = ensure_plan(source, cfg, out_uri, fp_settings)
+    counts = RunCounts()
+    crawl_shards(plan, cfg, out_uri, formats, counts)
+    if cfg.dedupe:
+        counts.shards_compacted = dedupe_and_compact(out_uri, plan.layout, formats)
+    stats = finish(out_uri, plan, cfg, counts, time.time() - started, extra_stats() if extra_stats else {})
+    return stats
 
 
-def iter_crawled(ds: ray.data.Dataset) -> Iterator[pa.Table]:
-    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=2)
-
-
-def write_build_stats(
-    out_uri: str, layout: Layout, cfg: CrawlConfig, started: float, assembler: ShardAssembler
+def finish(
+    out_uri: str, plan: Plan, cfg: CrawlConfig, counts: RunCounts, elapsed: float, extra: Mapping[str, Any]
 ) -> dict[str, Any]:
-    manifests = shards.committed_shards(out_uri)
-    funnel = Funnel()
-    for name in sorted(manifests):
-        funnel.merge(manifests[name]["stats"].get("funnel", {}))
-    funnel.check()
-    data = funnel.to_dict()
-    elapsed = time.time() - started
-    total_in = data["stages"].get("input", {}).get("in", 0)
-    if total_in != layout.num_input:
-        raise RuntimeError(f"funnel counts {total_in} input rows but the input has {layout.num_input}")
-    dropped: dict[str, int] = {}
-    for entry in data["stages"].values():
-        for reason, n in entry["dropped"].items():
-            dropped[reason] = dropped.get(reason, 0) + n
-    kept = sum(m["count"] for m in manifests.values())
-    data["totals"] = {"input": total_in, "kept": kept, "dropped": dropped, "shards": len(manifests)}
+    """`_stats.json` from the manifests (aggregated by tasks), then `_index.parquet`, the last write."""
+    funnel, index, _ = aggregate.summarise(out_uri)
+    Funnel.from_dict(funnel).check()
+    data: dict[str, Any] = dict(funnel)
+    data["totals"] = aggregate.totals(funnel, index)
+    if data["totals"]["input"] != plan.num_input:
+        raise RuntimeError(
+            f"the shards count {data['totals']['input']} input rows but the plan has {plan.num_input}"
+        )
     data["run"] = {
         "crawler": cfg.crawler,
         "elapsed_s": round(elapsed, 3),
-        "shards_written": assembler.written,
-        "shards_skipped": len(manifests) - assembler.written,
-        "samples_written": assembler.kept,
-        "samples_per_s": round(assembler.kept / elapsed, 2) if elapsed > 0 else 0.0,
+        "shards_written": counts.shards_written,
+        "shards_skipped": plan.layout.num_shards - counts.shards_written,
+        "shards_retried": counts.shards_retried,
+        "shards_compacted": counts.shards_compacted,
+        "samples_written": counts.samples_written,
+        "samples_per_s": round(counts.samples_written / elapsed, 2) if elapsed > 0 else 0.0,
     }
+    data.update(extra)
     write_stats(storage.join(out_uri, STATS_FILE), data)
+    aggregate.write_index(out_uri, index)
     return data

@@ -1,10 +1,10 @@
 """`crawler: img2dataset`: img2dataset's downloader behind the same crawl stage.
 
 img2dataset pins pandas<3 and pulls opencv, albumentations and wandb, so it lives in its own venv
-(scripts/setup_img2dataset.sh) and runs as a subprocess per batch. It writes Parquet with one row per
+(scripts/setup_img2dataset.sh) and runs as a subprocess per crawl call. It writes Parquet with one row per
 input (failures included, with `status` and `error_message`); the rows come back in the crawl stage's
-schema (drop reasons mapped onto ours), and the shared graph de-duplicates, writes the same shards and
-the same `_stats.json`. Before handing URLs over, the stage applies our SSRF guard, which img2dataset
+schema (drop reasons mapped onto ours), and the same shard worker de-duplicates and writes the same
+shards and the same `_stats.json`. Before handing URLs over, the stage applies our SSRF guard, which img2dataset
 does not have; per-host politeness and resume stay ours (only uncommitted rows reach this stage).
 """
 
@@ -18,17 +18,15 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.crawl import as_table, result_columns
 from pipelines.crawl.fetch import AddressGuard
-
-if TYPE_CHECKING:
-    from pipelines.crawl.build import CrawlConfig
 
 RESIZE_MODES = {"keep_aspect": "keep_ratio", "center_crop": "center_crop", "none": "no"}
 RUNNER = """

@@ -1,0 +1,87 @@
+"""Exact content dedupe across the dataset, then compaction: published shards hold no duplicate.
+
+A Ray Data job over the per-shard sidecars (`_rows/*.parquet`, no images): the rows that passed the
+image checks are grouped by sha256 (hash shuffle, bounded memory per task); in each group the first copy
+in input order (smallest ordinal) wins and the others are duplicates. The duplicates are then grouped by
+shard and each affected shard is compacted: its files rewritten without them (atomically), its funnel
+recomputed, its manifest rewritten last. No set of hashes lives in the driver.
+
+Idempotent and resumable: the result depends only on the sidecars, and a shard's manifest records how many
+duplicates its files already leave out. Duplicates only ever grow (a retry pass adds images, never removes
+one), and the files only ever leave out true duplicates, so an equal count means the shard is up to date
+and is not rewritten. A build killed during compaction redoes the remaining shards on rerun.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from pipelines import shards, storage
+from pipelines.crawl import shard as shard_files
+from pipelines.crawl.plan import Layout
+
+ROWS_PER_PARTITION = 2_000_000  # sidecar rows per shuffle partition (about 100 MB of hashes)
+
+
+def passed_rows(batch: pa.Table) -> pa.Table:
+    """Rows that passed every check: (ordinal, sha256)."""
+    return batch.filter(pc.is_null(batch.column("status"))).select(["ordinal", "sha256"])
+
+
+def later_copies(group: pa.Table, samples_per_shard: int) -> pa.Table:
+    """All rows of one sha256 group but the first in input order: (shard, ordinal) of the duplicates."""
+    ordinals = sorted(group.column("ordinal").to_pylist())[1:]
+    return pa.table(
+        {
+            "shard": pa.array([o // samples_per_shard for o in ordinals], pa.int64()),
+            "ordinal": pa.array(ordinals, pa.int64()),
+        }
+    )
+
+
+def compact_shard(group: pa.Table, out_uri: str, layout: Layout, formats: Sequence[str]) -> pa.Table:
+    """Rewrite one shard without its duplicates, unless its files already leave exactly those out."""
+    shard = group.column("shard")[0].as_py()
+    name = layout.shard_name(shard)
+    duplicates = set(group.column("ordinal").to_pylist())
+    manifest = storage.read_json(storage.join(out_uri, name + shards.MANIFEST_SUFFIX))
+    if manifest["stats"].get("excluded", 0) == len(duplicates):
+        return pa.table({"shard": [shard], "rewritten": [0]})
+    rows = shard_files.read_rows(out_uri, name)
+    ext = ".tar" if "webdataset" in formats else ".parquet"
+    samples = [s for s in shards.read_shard_samples(storage.join(out_uri, name + ext))
+               if s["json"]["ordinal"] not in duplicates]  # fmt: skip
+    shard_files.commit(out_uri, name, samples, rows, duplicates, formats)
+    return pa.table({"shard": [shard], "rewritten": [1]})
+
+
+def dedupe_and_compact(out_uri: str, layout: Layout, formats: Sequence[str]) -> int:
+    """Find the duplicates across all committed shards and compact the affected ones. Returns how many
+    shards were rewritten."""
+    rows_dir = storage.join(out_uri, shard_files.ROWS_DIR)
+    if layout.num_input == 0 or not storage.exists(rows_dir):
+        return 0
+    fs, path = storage.resolve(rows_dir)
+    partitions = max(1, min(1024, math.ceil(layout.num_input / ROWS_PER_PARTITION)))
+    ds = ray.data.read_parquet(
+        path, filesystem=fs, columns=["ordinal", "status", "sha256"], file_extensions=["parquet"]
+    )
+    duplicates = (
+        ds.map_batches(passed_rows, batch_format="pyarrow", batch_size=None)
+        .groupby("sha256", num_partitions=partitions)
+        .map_groups(
+            later_copies, batch_format="pyarrow", fn_kwargs={"samples_per_shard": layout.samples_per_shard}
+        )
+    )
+    compacted = duplicates.groupby("shard", num_partitions=partitions).map_groups(
+        compact_shard,
+        batch_format="pyarrow",
+        fn_kwargs={"out_uri": out_uri, "layout": layout, "formats": list(formats)},
+    )
+    total = compacted.sum("rewritten")
+    return int(total or 0)
