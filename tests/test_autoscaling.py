@@ -171,7 +171,7 @@ def test_fake_config_keeps_aws_node_types():
 
     validate_config(cfg)  # complete already: the wheel ships no defaults for fake_multinode
     assert cfg["available_node_types"]["cpu_crawl"]["resources"] == {"CPU": 2, "crawl": 2}
-    assert cfg["available_node_types"]["gpu_train"]["resources"] == {"GPU": 2}
+    assert cfg["available_node_types"]["gpu_train"]["resources"] == {"GPU": 2, "ingest_cpu": 2}
     assert cfg["available_node_types"]["cpu_crawl"]["max_workers"] == 4
 
 
