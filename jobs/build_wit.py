@@ -12,13 +12,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines import storage  # noqa: E402
+from pipelines import progress, storage  # noqa: E402
 from pipelines.build_wit import BuildWITConfig, build_wit  # noqa: E402
 from pipelines.config import parse_args  # noqa: E402
 from pipelines.ray_connect import connect  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
+    progress.setup()  # plain job logs: no escape sequences, one line per finished stage
     cfg = parse_args(BuildWITConfig, argv, description="Build WIT: curate, crawl, write shards (Ray Data).")
     connect()  # fails fast when RAY_ADDRESS names a dead cluster
     stats = build_wit(cfg)

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from clip_model.zero_shot import ZeroShotError, build_zero_shot_classifier, get_templates, load_class_names  # noqa: E402
+from pipelines import progress  # noqa: E402
 from pipelines.config import ConfigError, config_to_dict, parse_args  # noqa: E402
 from pipelines.evaluation.config import EvalConfig  # noqa: E402
 from pipelines.evaluation.data import EvalDataError, EvalSet, open_eval_set  # noqa: E402
@@ -167,6 +168,7 @@ def run(cfg: EvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    progress.setup()  # plain job logs: no escape sequences, one line per finished stage
     cfg = parse_args(EvalConfig, argv, description=__doc__)
     try:
         results = run(cfg)
