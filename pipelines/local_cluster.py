@@ -7,6 +7,7 @@ only this cluster (a bare `ray stop` would stop every cluster on the machine).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -57,33 +58,84 @@ def head_command(temp_dir: str, num_cpus: int, *extra_args: str) -> tuple[list[s
     return cmd, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
 
 
+def worker_command(address: str, temp_dir: str, num_cpus: float, resources: dict | None = None) -> list[str]:
+    """`ray start --address --block` for one more node on 127.0.0.1, every port fresh, its own temp dir."""
+    agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr = free_ports(6)
+    worker_lo = 10000 + (node_mgr % 20) * 1000
+    cmd = [
+        "ray", "start", "--block", f"--address={address}", "--node-ip-address=127.0.0.1",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+        f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 999}",
+        f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--object-store-memory=300000000",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
+    return cmd
+
+
 @dataclass
 class LocalRayCluster:
-    """A head node in its own process group; `address` for ray.init, `dashboard_url` for job submission."""
+    """A head node in its own process group; `address` for ray.init, `dashboard_url` for job submission.
+
+    `add_node` joins more nodes on 127.0.0.1 (a multi-node cluster on one machine). Each node has its own
+    temp dir, hence its own session dir: its runtime-env agent unpacks an uploaded working dir where no other
+    node's agent does (with one shared session dir, each new node's agent re-extracted it in place, under the
+    feet of the workers of the nodes started before). `drop_env` names variables the cluster's processes must
+    not inherit (e.g. PYTHONPATH, to prove that workers import the uploaded working dir)."""
 
     num_cpus: int = 4
     resources: dict | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    drop_env: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     temp_dir: str = ""
     address: str = ""
     dashboard_url: str = ""
+    nodes: list[tuple[subprocess.Popen, str]] = field(default_factory=list)  # (process, temp dir) per node
+
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, **LOOPBACK_ENV, **self.env}
+        for name in self.drop_env:
+            env.pop(name, None)
+        return env
 
     def start(self, timeout: float = 90.0) -> LocalRayCluster:
-        import json
-
         # Unix socket paths must stay short, so the temp dir lives directly under /tmp.
         self.temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
-        env = {**os.environ, **LOOPBACK_ENV, **self.env}
         cmd, self.address, self.dashboard_url = head_command(self.temp_dir, self.num_cpus, *self.extra_args)
         if self.resources:
             cmd.append(f"--resources={json.dumps(self.resources)}")
         self.proc = subprocess.Popen(
-            cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            cmd, env=self._env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         self._wait_for_dashboard(timeout)
         return self
+
+    def add_node(self, num_cpus: float, resources: dict | None = None, timeout: float = 90.0) -> None:
+        """Start one more node and wait until the cluster counts it alive."""
+        from ray.util.state import list_nodes
+
+        temp_dir = tempfile.mkdtemp(prefix="rayn_", dir="/tmp")
+        proc = subprocess.Popen(
+            worker_command(self.address, temp_dir, num_cpus, resources), env=self._env(),
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        self.nodes.append((proc, temp_dir))
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"ray start (node) exited: {proc.stderr.read().decode(errors='replace')[-3000:]}"
+                )
+            alive = [n for n in list_nodes(address=self.dashboard_url) if n.state == "ALIVE"]
+            if len(alive) == 1 + len(self.nodes):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"node with temp dir {temp_dir} did not join after {timeout}s")
 
     def _wait_for_dashboard(self, timeout: float) -> None:
         import urllib.request
@@ -104,15 +156,24 @@ class LocalRayCluster:
         raise TimeoutError(f"Ray dashboard at {self.dashboard_url} not up after {timeout}s")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            # SIGTERM asks `ray start --block` and the daemons in its group to exit; give them a moment.
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=5)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        # Ray workers and daemons leave the head's process group; find them by our private temp dir.
-        subprocess.run(["pkill", "-9", "-f", self.temp_dir], check=False)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for proc, temp_dir in self.nodes:
+            _stop_group(proc, temp_dir)
+        self.nodes = []
+        if self.proc is not None:
+            _stop_group(self.proc, self.temp_dir)
         self.proc = None
+
+
+def _stop_group(proc: subprocess.Popen, temp_dir: str) -> None:
+    """Stop a `ray start --block` started in its own session, and whatever it left running."""
+    if proc.poll() is None:
+        # SIGTERM asks `ray start --block` and the daemons in its group to exit; give them a moment.
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # Ray workers and daemons leave the process group; find them by the node's private temp dir.
+    subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
+    shutil.rmtree(temp_dir, ignore_errors=True)
