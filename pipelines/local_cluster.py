@@ -13,9 +13,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 def free_ports(n: int) -> list[int]:
@@ -39,12 +41,18 @@ LOOPBACK_ENV = {
 }
 
 
+def ray_executable() -> str:
+    """The `ray` CLI of this interpreter's environment (also when that environment is not activated)."""
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else "ray"
+
+
 def head_command(temp_dir: str, num_cpus: int, *extra_args: str) -> tuple[list[str], str, str]:
     """`ray start --head --block` on 127.0.0.1 with every port fresh: (command, GCS address, dashboard URL)."""
     gcs, dash, agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr, client = free_ports(9)
     worker_lo = 10000 + (gcs % 20) * 1000  # below the ephemeral range the other ports come from
     cmd = [
-        "ray", "start", "--head", "--block",
+        ray_executable(), "start", "--head", "--block",
         "--node-ip-address=127.0.0.1", f"--port={gcs}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
@@ -63,7 +71,7 @@ def worker_command(address: str, temp_dir: str, num_cpus: float, resources: dict
     agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr = free_ports(6)
     worker_lo = 10000 + (node_mgr % 20) * 1000
     cmd = [
-        "ray", "start", "--block", f"--address={address}", "--node-ip-address=127.0.0.1",
+        ray_executable(), "start", "--block", f"--address={address}", "--node-ip-address=127.0.0.1",
         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
         f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
@@ -99,6 +107,8 @@ class LocalRayCluster:
 
     def _env(self) -> dict[str, str]:
         env = {**os.environ, **LOOPBACK_ENV, **self.env}
+        # Jobs' `python ...` entrypoints and Ray's workers use this interpreter's environment, activated or not.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         for name in self.drop_env:
             env.pop(name, None)
         return env
