@@ -66,22 +66,33 @@ def head_command(temp_dir: str, num_cpus: int, *extra_args: str) -> tuple[list[s
     return cmd, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}"
 
 
+# One more node of a cluster on this machine, on 127.0.0.1. `ray start --address` cannot do that: with
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what keeps Ray on the loopback address) it refuses to start a second
+# node, and with it on it swaps 127.0.0.1 for the machine's routable address. This is what
+# ray.cluster_utils.Cluster.add_node does, in a process of its own; it stops its node on SIGTERM.
+NODE_LAUNCHER = """
+import json, signal, sys
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+node = Node(RayParams(**json.loads(sys.argv[1])), head=False, shutdown_at_exit=True, spawn_reaper=True)
+print("node started", flush=True)
+signal.sigwait({signal.SIGTERM, signal.SIGINT})
+"""
+
+
 def worker_command(address: str, temp_dir: str, num_cpus: float, resources: dict | None = None) -> list[str]:
-    """`ray start --address --block` for one more node on 127.0.0.1, every port fresh, its own temp dir."""
+    """A process that runs one more node joining `address`, on 127.0.0.1, every port fresh, its own temp dir."""
     agent_http, agent_grpc, rt_env, metrics, node_mgr, obj_mgr = free_ports(6)
     worker_lo = 10000 + (node_mgr % 20) * 1000
-    cmd = [
-        ray_executable(), "start", "--block", f"--address={address}", "--node-ip-address=127.0.0.1",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
-        f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-        f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 999}",
-        f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--object-store-memory=300000000",
-        "--disable-usage-stats",
-    ]  # fmt: skip
-    if resources:
-        cmd.append(f"--resources={json.dumps(resources)}")
-    return cmd
+    params = {
+        "gcs_address": address, "node_ip_address": "127.0.0.1", "num_cpus": num_cpus,
+        "resources": resources or {}, "temp_dir": temp_dir, "object_store_memory": 300 * 1024 * 1024,
+        "dashboard_agent_listen_port": agent_http, "metrics_agent_port": agent_grpc,
+        "runtime_env_agent_port": rt_env, "metrics_export_port": metrics, "node_manager_port": node_mgr,
+        "object_manager_port": obj_mgr, "min_worker_port": worker_lo, "max_worker_port": worker_lo + 999,
+    }  # fmt: skip
+    return [sys.executable, "-c", NODE_LAUNCHER, json.dumps(params)]
 
 
 @dataclass
