@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"demo: corpus served at {base_url}; Ray job API at {address}", flush=True)
         try:
             t = time.time()
-            run_job(address, ["python", "-m", "pipelines.wit.queries", f"output={data / 'queries'}",
+            run_job(address, ["python", "jobs/build_queries.py", f"output={data / 'queries'}",
                               f"wikipedia=[{corpus.wiki_dump}]", f"pageviews=[{corpus.pageviews}]",
                               f"wordnet=[{corpus.wordnet}]", "min_word_count=5", "min_bigram_count=3",
                               "min_page_views=100", "num_partitions=4"], ROOT)  # fmt: skip

@@ -90,7 +90,7 @@ def test_queries_build_train_eval_on_s3_only(s3_cluster, s3_server, tmp_path):
 
     with serve(corpus.www) as base_url:
         wat = upload(corpus.write_wat(base_url), f"{inputs}/wat")
-        job("python", "-m", "pipelines.wit.queries", f"output={BUCKET}/queries", f"wikipedia=[{wiki}]",
+        job("python", "jobs/build_queries.py", f"output={BUCKET}/queries", f"wikipedia=[{wiki}]",
             f"pageviews=[{pageviews}]", f"wordnet=[{wordnet}]", "min_word_count=5", "min_bigram_count=3",
             "min_page_views=100", "num_partitions=2")  # fmt: skip
         logs = job("python", "jobs/build_wit.py", f"output={BUCKET}/shards", "formats=[webdataset]",
