@@ -270,11 +270,9 @@ def actor_pool(opts: EmbedOptions) -> dict:
     if gpus is None:
         gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
     cpus = 0 if gpus else opts.cpus_per_actor
-    return {
-        "num_cpus": cpus,
-        "num_gpus": gpus,
-        "concurrency": pool_bounds(opts.pool, {"CPU": cpus, "GPU": gpus}),
-    }
+    low, high = pool_bounds(opts.pool, {"CPU": cpus, "GPU": gpus})
+    compute = ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+    return {"num_cpus": cpus, "num_gpus": gpus, "compute": compute}
 
 
 def _run_images(eval_set: EvalSet, model_source, opts: EmbedOptions, image_size, use_ray: bool) -> list[dict]:
