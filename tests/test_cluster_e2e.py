@@ -84,7 +84,9 @@ def test_queries_build_train_eval_on_s3_only(s3_cluster, s3_server, tmp_path):
     address = s3_cluster.dashboard_url
 
     def job(*entrypoint: str) -> str:
-        logs = run_job(address, list(entrypoint), ROOT, timeout=600, out=None)
+        # Tiny data: a few blocks per Ray Data shuffle instead of the default 200 tasks (each a worker start).
+        env = {"env_vars": {"RAY_DATA_DEFAULT_MIN_PARALLELISM": "4"}}
+        logs = run_job(address, list(entrypoint), ROOT, runtime_env_extra=env, timeout=1200, out=None)
         assert "\x1b" not in logs  # plain job logs (pipelines/progress.py)
         return logs
 
