@@ -128,7 +128,8 @@ def plot_drops(rows: list[tuple[str, int, int, dict[str, int]]], out: Path) -> N
     reasons = sorted(
         {r for *_, dropped in rows for r in dropped}, key=lambda r: -sum(d.get(r, 0) for *_, d in rows)
     )
-    colours = {r: plt.get_cmap("tab20")(i % 20) for i, r in enumerate(reasons)}
+    palette = [plt.get_cmap("tab20")(i) for i in range(20) if i not in (4, 5)]  # no green: green is "kept"
+    colours = {r: palette[i % len(palette)] for i, r in enumerate(reasons)}
     fig, ax = plt.subplots(figsize=(11, 0.5 * len(rows) + 1.5))
     names = [name for name, *_ in rows][::-1]
     kept = [n_out for _, _, n_out, _ in rows][::-1]
