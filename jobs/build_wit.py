@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines import storage  # noqa: E402
+from pipelines import progress, storage  # noqa: E402
 from pipelines.build_wit import BuildWITConfig, build_wit  # noqa: E402
 from pipelines.config import parse_args  # noqa: E402
 from pipelines.crawl.build import InputError  # noqa: E402
@@ -22,6 +22,7 @@ from pipelines.ray_connect import connect  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
+    progress.setup()  # plain job logs: no escape sequences, one line per finished stage
     cfg = parse_args(BuildWITConfig, argv, description="Build WIT: curate, crawl, write shards (Ray Data).")
     if cfg.urls and not storage.exists(cfg.urls):
         print(f"build_wit.py: error: input not found: urls={cfg.urls}", file=sys.stderr)

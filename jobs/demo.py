@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jobs.submit import run_job  # noqa: E402
+from pipelines import progress  # noqa: E402
 from pipelines.demo_corpus import CorpusParams, serve, write_corpus  # noqa: E402
 from pipelines.local_cluster import LocalRayCluster  # noqa: E402
 
@@ -103,27 +104,60 @@ def ordered_stages(stages: dict) -> list[tuple[str, int, int]]:
     return [(name, int(st["in"]), int(st["out"])) for name, st in sorted(stages.items(), key=key)]
 
 
+def funnel_stages(stats: dict) -> list[tuple[str, int, int, dict[str, int]]]:
+    """(part/stage, in, out, dropped by reason) for curation then crawl, in pipeline order."""
+    rows = []  # both parts have a "dedupe" stage: names carry their part
+    for part, stages in (
+        ("curate", stats.get("curation", {}).get("stages", {})),
+        ("crawl", stats.get("stages", {})),
+    ):
+        for name, n_in, n_out in ordered_stages(stages):
+            dropped = {k: int(v) for k, v in stages[name].get("dropped", {}).items() if int(v)}
+            rows.append((f"{part}/{name}", n_in, n_out, dropped))
+    return rows
+
+
+def plot_drops(rows: list[tuple[str, int, int, dict[str, int]]], out: Path) -> None:
+    """One bar per stage: kept (green) then each drop reason stacked after it, so the bar's length is the
+    stage's input; every reason has its colour and the bar is labelled with its largest reasons."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reasons = sorted(
+        {r for *_, dropped in rows for r in dropped}, key=lambda r: -sum(d.get(r, 0) for *_, d in rows)
+    )
+    palette = [plt.get_cmap("tab20")(i) for i in range(20) if i not in (4, 5)]  # no green: green is "kept"
+    colours = {r: palette[i % len(palette)] for i, r in enumerate(reasons)}
+    fig, ax = plt.subplots(figsize=(11, 0.5 * len(rows) + 1.5))
+    names = [name for name, *_ in rows][::-1]
+    kept = [n_out for _, _, n_out, _ in rows][::-1]
+    ax.barh(names, kept, color="#3a7", label="kept")
+    left = list(kept)
+    for reason in reasons:
+        widths = [d.get(reason, 0) for *_, d in rows][::-1]
+        ax.barh(names, widths, left=left, color=colours[reason], label=reason)
+        left = [a + b for a, b in zip(left, widths)]
+    for y, (_, n_in, n_out, dropped) in enumerate(rows[::-1]):
+        top = ", ".join(f"{r} {n}" for r, n in sorted(dropped.items(), key=lambda kv: -kv[1])[:3])
+        ax.text(n_in, y, f"  {n_out}/{n_in}" + (f"  dropped: {top}" if top else ""), va="center", fontsize=8)
+    ax.set_xlim(0, max((r[1] for r in rows), default=1) * 1.6)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.set_title("dataset funnel: kept and dropped by reason, per stage")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
 def plot_funnel(stats: dict, out_funnel: Path, out_queries: Path) -> list[tuple[str, int, int]]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    funnel = []  # both parts have a "dedupe" stage: names carry their part
-    for part, stages in (
-        ("curate", stats.get("curation", {}).get("stages", {})),
-        ("crawl", stats.get("stages", {})),
-    ):
-        funnel += [(f"{part}/{name}", n_in, n_out) for name, n_in, n_out in ordered_stages(stages)]
-    fig, ax = plt.subplots(figsize=(8, 0.4 * len(funnel) + 1))
-    names = [f[0] for f in funnel][::-1]
-    ax.barh(names, [f[1] for f in funnel][::-1], color="#ccc", label="in")
-    ax.barh(names, [f[2] for f in funnel][::-1], color="#3a7", label="out")
-    ax.legend()
-    ax.set_title("dataset funnel")
-    fig.tight_layout()
-    fig.savefig(out_funnel, dpi=100)
-    plt.close(fig)
+    rows = funnel_stages(stats)
+    plot_drops(rows, out_funnel)
     per_query = stats.get("counters", {}).get("per_query_kept", {})
     fig, ax = plt.subplots(figsize=(8, 3))
     ax.hist(list(per_query.values()) or [0], bins=20)
@@ -132,7 +166,7 @@ def plot_funnel(stats: dict, out_funnel: Path, out_queries: Path) -> list[tuple[
     fig.tight_layout()
     fig.savefig(out_queries, dpi=100)
     plt.close(fig)
-    return funnel
+    return [(name, n_in, n_out) for name, n_in, n_out, _ in rows]
 
 
 def eval_entrypoint(corpus, checkpoint: Path, merges: Path, eval_dir: Path) -> list[str]:
@@ -174,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"demo: corpus served at {base_url}; Ray job API at {address}", flush=True)
         try:
             t = time.time()
-            run_job(address, ["python", "-m", "pipelines.wit.queries", f"output={data / 'queries'}",
+            run_job(address, ["python", "jobs/build_queries.py", f"output={data / 'queries'}",
                               f"wikipedia=[{corpus.wiki_dump}]", f"pageviews=[{corpus.pageviews}]",
                               f"wordnet=[{corpus.wordnet}]", "min_word_count=5", "min_bigram_count=3",
                               "min_page_views=100", "num_partitions=4"], ROOT)  # fmt: skip
@@ -265,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the private head")
     parser.add_argument("--small", action="store_true", help="a reduced corpus and training (smoke test)")
     args = parser.parse_args(argv)
+    progress.setup()  # plain output when it goes to a file or a pipe (the jobs' logs are plain anyway)
     summary = run(args)
     print_summary(summary, args.run_dir)
     return 0

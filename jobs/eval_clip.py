@@ -1,16 +1,19 @@
 """Evaluate a CLIP checkpoint: zero-shot classification (prompt ensembles), linear probe, image-text retrieval.
 
-    python jobs/eval_clip.py checkpoint=runs/train/checkpoint_x tokenizer=merges.txt.gz \
+    python jobs/eval_clip.py checkpoint=s3://bucket/runs/train/checkpoint_x tokenizer=merges.txt.gz \
         zero_shot.data=data/eval_folder zero_shot.templates=textures \
         linear_probe.train=data/train linear_probe.test=data/test retrieval.data=data/captions.jsonl
 
-Writes results.json, results.txt, PNG plots and report.html to `output_dir` and prints the table.
+Writes results.json, results.txt, PNG plots and report.html to `output_dir` and prints the table. Every path
+(checkpoint, tokenizer, data, output_dir) may be a local path or an s3:// URI; on a cluster use s3:// (the
+embedding actors run on other nodes and read the checkpoint and the images themselves).
 Large sets are embedded with Ray Data (joins a running cluster, else starts a local one); small sets in-process.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from clip_model.zero_shot import ZeroShotError, build_zero_shot_classifier, get_templates, load_class_names  # noqa: E402
+from pipelines import progress, storage  # noqa: E402
 from pipelines.config import ConfigError, config_to_dict, parse_args  # noqa: E402
 from pipelines.evaluation.config import EvalConfig  # noqa: E402
 from pipelines.evaluation.data import EvalDataError, EvalSet, open_eval_set  # noqa: E402
@@ -28,6 +32,7 @@ from pipelines.evaluation.embed import (  # noqa: E402
     EvalModelError,
     embed_eval_set,
     find_merges,
+    find_weights,
     load_model,
     load_tokenizer,
     needs_ray,
@@ -39,17 +44,25 @@ from pipelines.evaluation.retrieval import retrieval_metrics  # noqa: E402
 from pipelines.evaluation.zero_shot_eval import classification_metrics, evaluate_zero_shot  # noqa: E402
 
 
+def local_copy(path: str) -> str:
+    """A path the file readers of clip_model take: an s3:// object copied once per process, else `path`
+    (a template-set name such as "default" stays a name)."""
+    return storage.local_file(path) if storage.is_s3(path) else path
+
+
 class Evaluator:
     """Holds the model, tokenizer and options; embeds each set once (cached on disk)."""
 
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
         self.device = resolve_device(cfg.embed.device)
+        self.weights = find_weights(cfg.checkpoint)  # local or s3://: what every embedding actor reads
         self.model = load_model(cfg.checkpoint, self.device)
         merges = cfg.tokenizer or find_merges(cfg.checkpoint)
         self.tokenizer = load_tokenizer(merges, self.model)
         self.merges = merges
-        if not cfg.embed.cache_dir:
+        if not cfg.embed.cache_dir and not storage.is_s3(cfg.output_dir):
+            # The feature cache is local (no cache when the report goes to S3: nodes share no disk).
             cfg.embed.cache_dir = str(Path(cfg.output_dir) / "feature_cache")
         self.data: dict[str, dict] = {}
 
@@ -79,9 +92,9 @@ class Evaluator:
 
     def zero_shot(self) -> dict:
         zs = self.cfg.zero_shot
-        names = load_class_names(zs.class_names) if zs.class_names else None
+        names = load_class_names(local_copy(zs.class_names)) if zs.class_names else None
         eval_set = open_eval_set(zs.data, "classification", zs.label_field, names)
-        templates = get_templates(zs.templates)
+        templates = get_templates(local_copy(zs.templates))
         weights = build_zero_shot_classifier(
             self.model, self.tokenizer, eval_set.class_names, templates, device=self.device
         )
@@ -155,6 +168,7 @@ def run(cfg: EvalConfig) -> dict:
     evaluator = Evaluator(cfg)
     results: dict = {
         "checkpoint": cfg.checkpoint,
+        "weights": evaluator.weights,
         "tokenizer": evaluator.merges,
         "config": config_to_dict(cfg),
     }
@@ -166,14 +180,28 @@ def run(cfg: EvalConfig) -> dict:
     return results
 
 
+def write_report_to(results: dict, output_dir: str) -> dict[str, str]:
+    """write_report into `output_dir`, a local folder or an s3:// prefix (written locally, then uploaded)."""
+    if not storage.is_s3(output_dir):
+        return write_report(results, output_dir)
+    with tempfile.TemporaryDirectory(prefix="eval_report_") as tmp:
+        local = write_report(results, tmp)
+        files = {}
+        for name, path in local.items():
+            files[name] = storage.join(output_dir, name)
+            storage.write_bytes_atomic(files[name], Path(path).read_bytes())
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
+    progress.setup()  # plain job logs: no escape sequences, one line per finished stage
     cfg = parse_args(EvalConfig, argv, description=__doc__)
     try:
         results = run(cfg)
     except (ConfigError, EvalDataError, EvalModelError, ZeroShotError) as e:
         print(f"eval_clip: error: {e}", file=sys.stderr)
         return 2
-    files = write_report(results, cfg.output_dir)
+    files = write_report_to(results, cfg.output_dir)
     print(format_table(results))
     for name, info in results["data"].items():
         drops = ", ".join(f"{k}={v}" for k, v in info["dropped"].items()) or "none"

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python jobs/submit.py` from anywhere
 
+from pipelines.progress import job_env  # noqa: E402
 from pipelines.ray_connect import ClusterUnreachable, check_port  # noqa: E402
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -74,7 +75,8 @@ def check_reachable(address: str, timeout: float = 5.0) -> str:
 
 
 def runtime_env(working_dir: str | Path = ROOT, extra: dict | None = None) -> dict:
-    env = {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES)}
+    # A job's output is a log: no colours or progress bars (pipelines/progress.py), in every job process.
+    env = {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES), "env_vars": job_env()}
     for key, value in (extra or {}).items():
         if key == "excludes":
             env["excludes"] += list(value)
@@ -150,7 +152,9 @@ def run_job(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default=None, help=f"job API URL (default {DEFAULT_ADDRESS})")
-    parser.add_argument("--working-dir", default=str(ROOT), help="folder to upload, or local:///path on every node")
+    parser.add_argument(
+        "--working-dir", default=str(ROOT), help="folder to upload, or local:///path on every node"
+    )
     parser.add_argument("--runtime-env-json", default=None, help="extra runtime_env fields as JSON")
     parser.add_argument("--timeout", type=float, default=24 * 3600.0)
     parser.add_argument("entrypoint", nargs=argparse.REMAINDER, help="-- python jobs/<job>.py ...")

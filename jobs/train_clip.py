@@ -16,6 +16,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `python jobs/train_clip.py` from anywhere
 
+from pipelines import progress  # noqa: E402
 from pipelines.config import parse_args  # noqa: E402
 from pipelines.ray_connect import connect  # noqa: E402
 from pipelines.train.config import TrainConfig  # noqa: E402
@@ -23,6 +24,7 @@ from pipelines.train.trainer import train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    progress.setup()  # plain job logs: no escape sequences, one line per finished stage
     cfg = parse_args(TrainConfig, argv, description=__doc__)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Workers import clip_model/pipelines from this checkout (ray job submit ships it as the working dir).

@@ -196,21 +196,10 @@ def _templates(attribute: str) -> list[str]:
     return [p.format("{}") for p in _PROMPTS]
 
 
-def write_corpus(root: str | Path, params: CorpusParams | None = None) -> Corpus:
-    """Writes (or reuses) the corpus under `root`; deterministic for `params`."""
-    params = params or CorpusParams()
-    corpus = Corpus(Path(root), params)
-    truth_path = corpus.root / "truth.json"
-    if truth_path.exists():
-        truth = json.loads(truth_path.read_text())
-        if truth.get("params") == asdict(params):
-            corpus.pages = truth["pages"]
-            return corpus
-    rng = random.Random(params.seed)
-    corpus.root.mkdir(parents=True, exist_ok=True)
+def _write_images(corpus: Corpus, concepts: list, rng: random.Random) -> list[dict]:
+    """The web's images (with duplicates by bytes and broken links), each with its fate, shuffled."""
+    params = corpus.params
     images: list[dict] = []  # every image on the web, with its fate
-    novel = set(novel_concepts(params.novel_combos))
-    concepts = [c for c in synthetic.CONCEPTS if c not in novel]
     samples = synthetic.generate(
         params.images_per_concept * len(concepts), seed=params.seed, size=params.image_size, concepts=concepts
     )
@@ -237,7 +226,12 @@ def write_corpus(root: str | Path, params: CorpusParams | None = None) -> Corpus
         images.append({"path": f"{site}/img/missing-{c.colour}-{c.shape}-{j}.jpg", "alt": f"a {c.colour} {c.shape}",
                        "label": c.label, "caption_en": "", "language": "en", "fate": "http_404"})  # fmt: skip
     rng.shuffle(images)
+    return images
 
+
+def _write_pages(corpus: Corpus, images: list[dict], rng: random.Random) -> None:
+    """HTML gallery pages per site linking the images (some linked twice); sets `corpus.pages`."""
+    params = corpus.params
     corpus.pages = {}
     for site_index in range(params.sites):
         site = f"site{site_index}"
@@ -264,7 +258,9 @@ def write_corpus(root: str | Path, params: CorpusParams | None = None) -> Corpus
             )
         corpus.pages[site] = pages
 
-    # Wikipedia, page views and WordNet about the same concepts: the query list comes from them.
+
+def _write_query_sources(corpus: Corpus, rng: random.Random) -> None:
+    """Wikipedia, page views and WordNet about the same concepts: the query list comes from them."""
     (corpus.root / "wiki").mkdir(parents=True, exist_ok=True)
     articles = _wiki_articles(rng)
     write_mediawiki_dump(corpus.wiki_dump, articles)
@@ -275,7 +271,10 @@ def write_corpus(root: str | Path, params: CorpusParams | None = None) -> Corpus
     synsets += [Synset("a", [c], f"of the colour {c}") for c in synthetic.COLOURS]
     write_wordnet(corpus.wordnet, synsets)
 
-    # Held out: new renders (other seeds), never served; every concept the same number of times.
+
+def _write_heldout(corpus: Corpus, novel: set) -> None:
+    """New renders (other seeds), never served; every concept the same number of times."""
+    params = corpus.params
     captions = []
     for k, concept in enumerate(synthetic.CONCEPTS):
         split = "novel" if concept in novel else "seen"
@@ -297,6 +296,24 @@ def write_corpus(root: str | Path, params: CorpusParams | None = None) -> Corpus
     for attribute in ("colour", "shape", "combo"):
         corpus.templates(attribute).write_text("\n".join(_templates(attribute)) + "\n", encoding="utf-8")
 
+
+def write_corpus(root: str | Path, params: CorpusParams | None = None) -> Corpus:
+    """Writes (or reuses) the corpus under `root`; deterministic for `params`."""
+    params = params or CorpusParams()
+    corpus = Corpus(Path(root), params)
+    truth_path = corpus.root / "truth.json"
+    if truth_path.exists():
+        truth = json.loads(truth_path.read_text())
+        if truth.get("params") == asdict(params):
+            corpus.pages = truth["pages"]
+            return corpus
+    rng = random.Random(params.seed)  # one stream, drawn in this order: images, pages, query sources
+    corpus.root.mkdir(parents=True, exist_ok=True)
+    novel = set(novel_concepts(params.novel_combos))
+    images = _write_images(corpus, [c for c in synthetic.CONCEPTS if c not in novel], rng)
+    _write_pages(corpus, images, rng)
+    _write_query_sources(corpus, rng)
+    _write_heldout(corpus, novel)
     truth = {"params": asdict(params), "images": images, "pages": corpus.pages}
     truth_path.write_text(json.dumps(truth, indent=1), encoding="utf-8")
     return corpus

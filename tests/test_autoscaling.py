@@ -103,6 +103,8 @@ class FakeAutoscalingCluster:
 
     def start(self, timeout: float = 90.0) -> FakeAutoscalingCluster:
         env = {**os.environ, **LOOPBACK_ENV, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+        # The jobs' `python ...` entrypoints use this interpreter's environment, activated or not.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         ray_bin = str(Path(sys.executable).parent / "ray")
         log = open(Path(self.temp_dir) / "ray_start.log", "wb")  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen(
@@ -171,7 +173,7 @@ def test_fake_config_keeps_aws_node_types():
 
     validate_config(cfg)  # complete already: the wheel ships no defaults for fake_multinode
     assert cfg["available_node_types"]["cpu_crawl"]["resources"] == {"CPU": 2, "crawl": 2}
-    assert cfg["available_node_types"]["gpu_train"]["resources"] == {"GPU": 2}
+    assert cfg["available_node_types"]["gpu_train"]["resources"] == {"GPU": 2, "ingest_cpu": 2}
     assert cfg["available_node_types"]["cpu_crawl"]["max_workers"] == 4
 
 

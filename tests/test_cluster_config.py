@@ -1,8 +1,10 @@
-"""cluster/aws.yaml against Ray's own cluster-config schema (offline), and the KubeRay manifest's groups."""
+"""cluster/aws.yaml against Ray's own cluster-config schema (offline), the choices cluster/README.md documents,
+and the KubeRay manifest's groups."""
 
 from __future__ import annotations
 
 import copy
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -20,14 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 AWS = ROOT / "cluster" / "aws.yaml"
 KUBERAY = ROOT / "cluster" / "kuberay.yaml"
 DOCKERFILE = ROOT / "cluster" / "Dockerfile"
+CLUSTER_README = ROOT / "cluster" / "README.md"
+DNS_CACHE = "/usr/local/bin/clip-dns-cache"
+DLAMI = "resolve:ssm:/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/"
 
 # The overrides cluster/README.md gives for running the jobs on the cluster.
 CRAWL_ON_CLUSTER = ["crawl.worker_resources={crawl: 1}"]
 TRAIN_ON_CLUSTER = ["use_gpu=true", "num_workers=8", "cpus_per_worker=0"]
 
 
-def aws_config() -> dict:
-    return yaml.safe_load(AWS.read_text())
+def aws_config(text: str | None = None) -> dict:
+    return yaml.safe_load(text if text is not None else AWS.read_text())
 
 
 def validated(config: dict) -> dict:
@@ -50,6 +55,18 @@ def pyproject_pins() -> dict[str, str]:
     return pins
 
 
+def readme_policies() -> dict[str, dict]:
+    """The IAM policy JSON blocks of cluster/README.md, by the file name announced before each."""
+    text = CLUSTER_README.read_text()
+    pattern = r"^`(clip-wit-ray-[\w-]+)\.json` —[^\n]*\n(?:[^`\n][^\n]*\n)*?```json\n(.*?)```"
+    blocks = re.findall(pattern, text, re.DOTALL | re.MULTILINE)
+    return {name: json.loads(body) for name, body in blocks}
+
+
+def worker_types(cfg: dict) -> dict:
+    return {k: v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]}
+
+
 def test_aws_yaml_passes_rays_schema():
     cfg = validated(aws_config())
     types = cfg["available_node_types"]
@@ -59,16 +76,98 @@ def test_aws_yaml_passes_rays_schema():
     assert cfg["idle_timeout_minutes"] > 0 and cfg["upscaling_speed"] > 0
 
 
+def test_gpu_market_switch_gives_on_demand_or_spot():
+    """The documented one-word switch: `<<: *gpu_on_demand` (default) or `<<: *gpu_spot`."""
+    text = AWS.read_text()
+    assert text.count("<<: *gpu_on_demand") == 1 and "*gpu_spot" in CLUSTER_README.read_text()
+    on_demand = validated(aws_config(text))["available_node_types"]["gpu_train"]["node_config"]
+    spot_cfg = validated(aws_config(text.replace("<<: *gpu_on_demand", "<<: *gpu_spot")))
+    spot = spot_cfg["available_node_types"]["gpu_train"]["node_config"]
+    assert "InstanceMarketOptions" not in on_demand
+    assert spot["InstanceMarketOptions"] == {"MarketType": "spot"}
+    assert {k: v for k, v in spot.items() if k != "InstanceMarketOptions"} == on_demand
+    crawl = aws_config()["available_node_types"]["cpu_crawl"]["node_config"]
+    assert crawl["InstanceMarketOptions"]["MarketType"] == "spot"  # crawl nodes are always spot
+
+
+def test_every_node_type_has_an_instance_profile_and_the_head_passes_only_the_worker_role():
+    types = aws_config()["available_node_types"]
+    arns = {name: t["node_config"]["IamInstanceProfile"]["Arn"] for name, t in types.items()}
+    head_arn = arns.pop("ray.head.default")
+    assert len(set(arns.values())) == 1 and head_arn not in arns.values()
+    worker_role = next(iter(arns.values())).replace(":instance-profile/", ":role/")
+    policies = readme_policies()
+    assert set(policies) == {"clip-wit-ray-head", "clip-wit-ray-worker"}
+    assert head_arn.endswith("/clip-wit-ray-head")
+    head = {s["Sid"]: s for s in policies["clip-wit-ray-head"]["Statement"]}
+    assert head["PassOnlyTheWorkerRole"]["Action"] == "iam:PassRole"
+    assert head["PassOnlyTheWorkerRole"]["Resource"] == worker_role
+    assert "ec2:RunInstances" in head["LaunchAndEndWorkers"]["Action"]
+    # Workers: S3 on one bucket only (no wildcard bucket), and no EC2 or IAM at all.
+    worker = policies["clip-wit-ray-worker"]["Statement"]
+    s3 = [s for s in worker if any(a.startswith("s3:") for a in actions_of(s))]
+    assert {s["Resource"] for s in s3} == {"arn:aws:s3:::BUCKET", "arn:aws:s3:::BUCKET/*"}
+    assert not [a for s in worker for a in actions_of(s) if a.startswith(("ec2:", "iam:"))]
+
+
+def actions_of(statement: dict) -> list[str]:
+    action = statement["Action"]
+    return [action] if isinstance(action, str) else list(action)
+
+
+def test_every_node_runs_the_project_image_on_an_explicit_gpu_driver_ami():
+    cfg = aws_config()
+    image = cfg["docker"]["image"]
+    assert re.fullmatch(r"\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com/clip-wit-ray:[\w.]+", image), image
+    for name, t in cfg["available_node_types"].items():
+        assert "docker" not in t, f"{name} overrides the image"
+        assert t["node_config"]["ImageId"].startswith(DLAMI), name
+    # Nothing is installed at boot: no pip anywhere in the commands nodes run.
+    commands = [
+        c
+        for key in ("setup_commands", "head_setup_commands", "worker_setup_commands")
+        for c in cfg.get(key, [])
+    ]
+    commands += [c for t in cfg["available_node_types"].values() for c in t.get("worker_setup_commands", [])]
+    assert not [c for c in commands if "pip" in c], commands
+    # The image: Ray's base for the pinned Ray/Python, the pinned torch, checked against the driver's CUDA major.
+    pins, docker = pyproject_pins(), DOCKERFILE.read_text()
+    (base,) = re.findall(r"^FROM (\S+)", docker, re.MULTILINE)
+    assert base.startswith(f"rayproject/ray:{pins['ray']}-py311-"), base
+    assert f'"torch=={pins["torch"]}"' in docker and f'"ray[default,data,train]=={pins["ray"]}"' in docker
+    assert re.search(r"ARG TORCH_CUDA_MAJOR=\d+", docker) and "torch.version.cuda" in docker
+    assert "/opt/img2dataset" in docker and "import img2dataset" in docker
+
+
+def test_crawl_nodes_run_a_caching_dns_resolver():
+    cfg, docker = aws_config(), DOCKERFILE.read_text()
+    types = cfg["available_node_types"]
+    assert types["cpu_crawl"]["worker_setup_commands"] == [f"sudo {DNS_CACHE}"]
+    assert re.search(r"apt-get install[^\n]*\bdnsmasq\b", docker)
+    assert f"COPY cluster/dns_cache.sh {DNS_CACHE}" in docker
+    script = (ROOT / "cluster" / "dns_cache.sh").read_text()
+    assert "dnsmasq --listen-address=127.0.0.1" in script and "nameserver 127.0.0.1" in script
+
+
+def test_gpu_nodes_advertise_ingest_cpu_and_no_cpu_and_every_node_autoscales_pools():
+    cfg = aws_config()
+    for name, t in worker_types(cfg).items():
+        r = t["resources"]
+        if r.get("GPU"):
+            assert r["CPU"] == 0 and r["ingest_cpu"] >= 1, name
+        else:
+            assert "ingest_cpu" not in r, name  # CPU-only work never asks for it, CPU nodes never offer it
+    assert "--env CLIP_RAY_AUTOSCALING=1" in cfg["docker"]["run_options"]
+    assert "CLIP_RAY_AUTOSCALING=1" in DOCKERFILE.read_text()
+
+
 def test_node_types_are_shaped_as_the_jobs_need():
     types = aws_config()["available_node_types"]
     head, crawl, gpu = types["ray.head.default"], types["cpu_crawl"], types["gpu_train"]
     assert head["resources"].get("GPU", 0) == 0 and head["resources"].get("CPU") == 0
     assert crawl["min_workers"] == 0 and crawl["max_workers"] > 0
-    assert crawl["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
     assert crawl["resources"]["crawl"] >= 1 and crawl["resources"].get("GPU", 0) == 0
     assert gpu["min_workers"] == 0 and gpu["resources"]["GPU"] >= 1 and "crawl" not in gpu["resources"]
-    # No CPU on GPU nodes: CPU-only demand (a crawl overflowing the crawl nodes) can never start one.
-    assert gpu["resources"]["CPU"] == 0
 
 
 def test_job_resource_requests_land_on_the_right_node_type():
@@ -83,31 +182,18 @@ def test_job_resource_requests_land_on_the_right_node_type():
     gpu = types["gpu_train"]
     per_node = int(gpu["resources"]["GPU"] // train.gpus_per_worker)
     assert per_node * gpu["max_workers"] >= train.num_workers
-    decode_request = {"CPU": train.decode_cpus}  # the ingest's decode + augment + tokenize actors
-    assert [t for t, spec in types.items() if fits(decode_request, spec["resources"])] == ["cpu_crawl"]
+    # Training ingest asking for `ingest_cpu` can only land on GPU nodes; plain CPU only on crawl nodes.
+    assert [t for t, spec in types.items() if fits({"ingest_cpu": 1}, spec["resources"])] == ["gpu_train"]
+    assert [t for t, spec in types.items() if fits({"CPU": train.decode_cpus}, spec["resources"])] == [
+        "cpu_crawl"
+    ]
 
 
-def test_no_keys_s3_through_instance_profiles_dashboard_on_loopback():
-    text = AWS.read_text()
+def test_no_keys_dashboard_on_loopback():
+    text = AWS.read_text() + KUBERAY.read_text() + CLUSTER_README.read_text()
     assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET", text, re.IGNORECASE)
-    types = aws_config()["available_node_types"]
-    for name in ("cpu_crawl", "gpu_train"):
-        assert types[name]["node_config"]["IamInstanceProfile"]["Name"]
     head_start = " ".join(aws_config()["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
-
-
-def test_nodes_install_the_projects_pinned_versions():
-    cfg, pins = aws_config(), pyproject_pins()
-    assert {"torch", "ray"} <= set(pins)
-    setup = " ".join(cfg["setup_commands"])
-    assert f"torch=={pins['torch']}" in setup and f"ray[default,data,train]=={pins['ray']}" in setup
-    assert "-e ~/clip-wit-ray" in setup and cfg["file_mounts"]["~/clip-wit-ray"] == "."
-    images = [cfg["docker"]["image"], cfg["available_node_types"]["gpu_train"]["docker"]["worker_image"]]
-    images += re.findall(r"^FROM (\S+)", DOCKERFILE.read_text(), re.MULTILINE)
-    for image in images:
-        assert image.startswith(f"rayproject/ray:{pins['ray']}-py311-"), image
-    assert f'"torch=={pins["torch"]}"' in DOCKERFILE.read_text()
 
 
 @pytest.mark.parametrize(
@@ -136,7 +222,7 @@ def test_a_misspelt_head_node_type_is_rejected():
         validated(bad)
 
 
-def test_kuberay_manifest_has_the_same_groups():
+def test_kuberay_manifest_makes_the_same_choices():
     docs = [d for d in yaml.safe_load_all(KUBERAY.read_text()) if d]
     (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
     assert cluster["apiVersion"] == "ray.io/v1"
@@ -148,6 +234,7 @@ def test_kuberay_manifest_has_the_same_groups():
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     assert set(groups) == {"cpu-crawl", "gpu-train"}
     aws_types = aws_config()["available_node_types"]
+    image = aws_config()["docker"]["image"]
     for group, aws_name in (("cpu-crawl", "cpu_crawl"), ("gpu-train", "gpu_train")):
         g, aws_type = groups[group], aws_types[aws_name]
         assert g["minReplicas"] == 0 and g["maxReplicas"] == aws_type["max_workers"]
@@ -155,11 +242,20 @@ def test_kuberay_manifest_has_the_same_groups():
         resources = {"CPU": int(params["num-cpus"]), "GPU": int(params.get("num-gpus", 0))}
         if "resources" in params:
             resources.update(yaml.safe_load(yaml.safe_load(params["resources"])))
-        assert {k: v for k, v in resources.items() if v} == {k: v for k, v in aws_type["resources"].items() if v}
+        assert {k: v for k, v in resources.items() if v} == {
+            k: v for k, v in aws_type["resources"].items() if v
+        }
         (container,) = g["template"]["spec"]["containers"]
         limits = container["resources"]["limits"]
-        assert int(limits["cpu"]) >= resources["CPU"]
+        assert int(limits["cpu"]) >= resources["CPU"] + resources.get("ingest_cpu", 0)
         assert int(limits.get("nvidia.com/gpu", 0)) == resources["GPU"]
+    assert groups["cpu-crawl"]["template"]["spec"]["nodeSelector"]["eks.amazonaws.com/capacityType"] == "SPOT"
+    crawl_container = groups["cpu-crawl"]["template"]["spec"]["containers"][0]
+    assert crawl_container["lifecycle"]["postStart"]["exec"]["command"] == ["sudo", DNS_CACHE]
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in groups.values()]
     accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
-    for pod in [spec["headGroupSpec"]["template"]] + [g["template"] for g in groups.values()]:
+    for pod in pods:
         assert pod["spec"]["serviceAccountName"] in accounts
+        for container in pod["spec"]["containers"]:
+            assert container["image"] == image
+            assert {"name": "CLIP_RAY_AUTOSCALING", "value": "1"} in container["env"]

@@ -15,6 +15,7 @@ import clip_model
 from pipelines import shards, synthetic
 from pipelines.evaluation.data import EvalDataError, open_eval_set
 from pipelines.evaluation.embed import EmbedOptions, embed_eval_set
+from pipelines.pools import Pool
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPTS = [
@@ -139,7 +140,7 @@ def test_features_cached_and_ray_path_matches_in_process(setup, ray_local, tmp_p
     )
     assert again.from_cache and torch.equal(again.image_features, local.image_features)
     # Ray actors load the checkpoint themselves (fp16 weights, so features agree to fp16 precision).
-    opts = EmbedOptions(use_ray="always", num_actors=1, cpus_per_actor=0.5, batch_size=4)
+    opts = EmbedOptions(use_ray="always", pool=Pool(1, 1), cpus_per_actor=0.5, batch_size=4)
     remote = embed_eval_set(eval_set, str(setup["ckpt"]), opts=opts)
     assert remote.used_ray and remote.ids == local.ids and torch.equal(remote.labels, local.labels)
     assert remote.dropped == {"unreadable_image": 1}

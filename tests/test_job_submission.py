@@ -61,6 +61,8 @@ def test_build_and_train_jobs_run_through_job_submission(ray_head, http_server, 
         ROOT, timeout=300, out=None,
     )  # fmt: skip
     assert "16 of 17 samples" in logs
+    # Plain job logs: no escape sequence or redraw, one line per finished Ray Data stage (pipelines/progress.py).
+    assert "\x1b" not in logs and "\r" not in logs and "[stage] " in logs
     stats = json.loads((out / "_stats.json").read_text())
     assert stats["totals"]["kept"] == 16 and stats["totals"]["dropped"] == {"http_404": 1}
     assert sum(1 for s in shards.committed_shards(str(out))) == 3
@@ -82,5 +84,6 @@ def test_build_and_train_jobs_run_through_job_submission(ray_head, http_server, 
         ROOT, timeout=300, out=None,
     )  # fmt: skip
     assert "checkpoint:" in logs
+    assert "\x1b" not in logs and "\r" not in logs
     assert list((tmp_path / "jobsub").glob("checkpoint_*")), logs[-3000:]
     assert (tmp_path / "jobsub" / "metrics.csv").exists()

@@ -1,4 +1,7 @@
-"""EvalConfig: what jobs/eval_clip.py evaluates, from YAML + `--set a.b=value` (pipelines/config.py)."""
+"""EvalConfig: what jobs/eval_clip.py evaluates, from YAML + `--set a.b=value` (pipelines/config.py).
+
+Every path may be a local path or an s3:// URI. On a cluster, use s3:// (or a filesystem every node mounts):
+the embedding actors run on other nodes and read the checkpoint and the images themselves."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from .embed import EmbedOptions
 
 @dataclass
 class ZeroShotConfig:
-    data: str = ""  # image folder or shards with a label field; "" = skip zero-shot
+    data: str = ""  # image folder (class sub-folders) or shards with a label field, local or s3://; "" = skip
     label_field: str = "label"
     class_names: str = ""  # .txt / .json file with readable class names; "" = folder / label names
     templates: str = "default"  # a template set of clip_model.zero_shot.TASK_TEMPLATES or a .txt/.json file
@@ -39,8 +42,8 @@ class EvalConfig:
     """Evaluate a CLIP checkpoint: zero-shot classification, linear probe, image-text retrieval."""
 
     checkpoint: str = ""  # trainer checkpoint folder, OpenAI-layout state dict or TorchScript archive
-    tokenizer: str = ""  # BPE merges (.txt.gz); "" = the one in the checkpoint folder, else OpenAI's
-    output_dir: str = "runs/eval"
+    tokenizer: str = ""  # BPE merges (.txt.gz, local or s3://); "" = the one in the checkpoint folder
+    output_dir: str = "runs/eval"  # local folder or s3:// prefix (no feature cache then, unless set)
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

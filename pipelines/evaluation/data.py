@@ -60,7 +60,10 @@ def detect_format(path: str) -> str:
     if path.endswith((".tar", ".parquet")):
         return "shards"
     if storage.is_s3(path):
-        return "shards"
+        # Shards directly under the prefix, else an image folder (one sub-prefix per class).
+        return (
+            "shards" if storage.list_files(path, ".tar") or storage.list_files(path, ".parquet") else "folder"
+        )
     p = Path(path)
     if not p.exists():
         raise EvalDataError(f"evaluation data not found: {path}")
@@ -88,10 +91,39 @@ def _rename(names: list[str], mapping: Sequence[str] | Mapping[str, str] | None,
     return list(mapping)
 
 
+def _s3_image_folder(root: str, limit_per_class: int) -> list[tuple[str, list[str]]]:
+    """(class folder name, image URIs) per sub-prefix of an s3:// image folder, sorted."""
+    import pyarrow.fs as pafs
+
+    fs, base = storage.resolve(root)
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    by_class: dict[str, list[str]] = {}
+    for info in infos:
+        rel = info.path[len(base) :].lstrip("/")
+        is_image = info.type == pafs.FileType.File and Path(rel).suffix.lower() in IMAGE_SUFFIXES
+        if is_image and "/" in rel and not rel.startswith("."):
+            by_class.setdefault(rel.split("/", 1)[0], []).append(storage.join(root, rel))
+    return [(name, sorted(files)[: limit_per_class or None]) for name, files in sorted(by_class.items())]
+
+
 def image_folder(
     root: str, class_names: Sequence[str] | Mapping[str, str] | None = None, limit_per_class: int = 0
 ) -> EvalSet:
-    """One class per sub-folder, in sorted folder order. An empty class folder is an error that names it."""
+    """One class per sub-folder, in sorted folder order. An empty class folder is an error that names it.
+    `root` may be an s3:// prefix (a class is a sub-prefix holding images; S3 has no empty folders)."""
+    if storage.is_s3(root):
+        classes = _s3_image_folder(root, limit_per_class)
+        if not classes:
+            raise EvalDataError(f"{root}: no class sub-folders with images (expected root/<class>/<image>)")
+        units = [
+            {"kind": "file", "id": uri[len(root) :].lstrip("/"), "path": uri, "label": label}
+            for label, (_, files) in enumerate(classes)
+            for uri in files
+        ]
+        mapping = class_names
+        if isinstance(class_names, Mapping):
+            mapping = {_readable(n): class_names.get(n, _readable(n)) for n, _ in classes}
+        return EvalSet("folder", root, units, _rename([_readable(n) for n, _ in classes], mapping, root))
     root_path = Path(root)
     if not root_path.is_dir():
         raise EvalDataError(f"image folder not found: {root}")
@@ -176,9 +208,9 @@ def shard_set(
 
 def jsonl_captions(path: str) -> EvalSet:
     """`{"image": path, "captions": [...]}` per line; relative image paths are relative to the file."""
-    base = Path(path).parent
+    base = path.rsplit("/", 1)[0] if storage.is_s3(path) else str(Path(path).parent)
     units, dropped = [], {}
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(storage.read_bytes(path).decode("utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -192,7 +224,8 @@ def jsonl_captions(path: str) -> EvalSet:
         if not captions:
             dropped["no_caption"] = dropped.get("no_caption", 0) + 1
             continue
-        image_path = Path(image) if Path(image).is_absolute() else base / image
+        absolute = storage.is_s3(image) or Path(image).is_absolute()
+        image_path = image if absolute else storage.join(base, image)
         units.append({"kind": "file", "id": str(image), "path": str(image_path), "captions": captions})
     if not units:
         raise EvalDataError(f"{path}: no image with captions")
@@ -227,7 +260,7 @@ def expand_unit(unit: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     unreadable); a shard sample without a known label gives one with label -1 (counted as unlabelled)."""
     if unit["kind"] == "file":
         try:
-            data = Path(unit["path"]).read_bytes()
+            data = storage.read_bytes(unit["path"])  # a local path or an s3:// object: any node reads it
         except OSError:
             data = b""
         record = {"id": unit["id"], "jpg": data}

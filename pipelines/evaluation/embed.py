@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from pipelines import storage
+from pipelines.pools import Pool, pool_bounds
+
 from .data import EvalSet, expand_unit
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
@@ -38,47 +41,72 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def _files_under(uri: str) -> list[str]:
+    """Paths relative to `uri` of every file below it (a local folder or an s3:// prefix), sorted."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(root) :].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+
+
+def _kind(uri: str) -> str:
+    """What `uri` (a local path or an s3:// URI) names: "file", "dir" or "missing"."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(uri)
+    kind = fs.get_file_info(path).type
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(kind, "missing")
+
+
 def find_weights(checkpoint: str) -> str:
-    """The OpenAI-layout weights file of a checkpoint: the path itself, or inside a trainer checkpoint folder
-    the one weights file (preferring names with 'openai' or 'fp16' when there are several)."""
-    path = Path(checkpoint)
-    if path.is_file():
-        return str(path)
-    if not path.is_dir():
+    """The OpenAI-layout weights file of a checkpoint (local or s3://): the path itself, or inside a trainer
+    checkpoint folder the one weights file (preferring names with 'openai' or 'fp16' when there are several)."""
+    kind = _kind(checkpoint)
+    if kind == "file":
+        return checkpoint
+    if kind == "missing":
         raise EvalModelError(f"checkpoint not found: {checkpoint}")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
-    preferred = [p for p in files if "openai" in p.name.lower() or "fp16" in p.name.lower()]
+    files = [f for f in _files_under(checkpoint) if Path(f).suffix in WEIGHT_SUFFIXES]
+    preferred = [f for f in files if "openai" in Path(f).name.lower() or "fp16" in Path(f).name.lower()]
     candidates = preferred or files
     if len(candidates) != 1:
         raise EvalModelError(
             f"checkpoint folder {checkpoint}: expected one OpenAI-layout weights file "
-            f"({'/'.join(WEIGHT_SUFFIXES)}), found {[str(p.relative_to(path)) for p in candidates]}"
+            f"({'/'.join(WEIGHT_SUFFIXES)}), found {candidates}"
         )
-    return str(candidates[0])
+    return storage.join(checkpoint, candidates[0])
 
 
 def load_model(checkpoint: str, device: str | torch.device = "cpu"):
-    """A fp32 CLIP in eval mode from a weights file, a TorchScript archive or a trainer checkpoint folder."""
+    """A fp32 CLIP in eval mode from a weights file, a TorchScript archive or a trainer checkpoint folder,
+    local or s3:// (an S3 object is copied to a local temp file once per process)."""
     import clip_model
     from clip_model.checkpoint import CheckpointError
 
     weights = find_weights(checkpoint)
     try:
-        return clip_model.load(weights, device=device)
-    except (CheckpointError, RuntimeError, ValueError) as e:
+        return clip_model.load(storage.local_file(weights), device=device)
+    except (CheckpointError, RuntimeError, ValueError, OSError) as e:
         raise EvalModelError(f"checkpoint {weights} cannot be loaded as a CLIP model: {e}") from e
 
 
 def find_merges(checkpoint: str) -> str | None:
     """A BPE merges file (.txt.gz) stored beside the weights (the trainer writes its tokenizer there)."""
-    path = Path(checkpoint)
-    folder = path if path.is_dir() else path.parent
-    found = sorted(folder.rglob("*.txt.gz")) if path.is_dir() else sorted(folder.glob("*.txt.gz"))
-    return str(found[0]) if len(found) == 1 else None
+    kind = _kind(checkpoint)
+    if kind == "missing":
+        return None
+    if kind == "dir":
+        found = [storage.join(checkpoint, f) for f in _files_under(checkpoint) if f.endswith(".txt.gz")]
+    else:
+        parent = checkpoint.rsplit("/", 1)[0] if storage.is_s3(checkpoint) else str(Path(checkpoint).parent)
+        found = storage.list_files(parent, ".txt.gz")
+    return found[0] if len(found) == 1 else None
 
 
 def load_tokenizer(merges: str | None, model=None):
-    """`clip_model.Tokenizer` from a merges file; its vocabulary must match the model's token embedding."""
+    """`clip_model.Tokenizer` from a merges file (local or s3://); its vocabulary must match the model's token
+    embedding."""
     from clip_model import Tokenizer
 
     if not merges:
@@ -86,10 +114,11 @@ def load_tokenizer(merges: str | None, model=None):
             "no tokenizer: set tokenizer= to the BPE merges file the model was trained with (.txt.gz, e.g. "
             "OpenAI's bpe_simple_vocab_16e6.txt.gz); the checkpoint folder holds none"
         )
-    if not Path(merges).is_file():
+    if _kind(merges) != "file":
         raise EvalModelError(f"tokenizer merges file not found: {merges}")
     # Token rows as long as the model's positional embedding (77 for OpenAI's models, less for tiny ones).
-    tok = Tokenizer(merges, context_length=getattr(getattr(model, "config", None), "context_length", 77))
+    context_length = getattr(getattr(model, "config", None), "context_length", 77)
+    tok = Tokenizer(storage.local_file(merges), context_length=context_length)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and tok.vocab_size != vocab:
         raise EvalModelError(
@@ -225,8 +254,10 @@ class EmbedOptions:
     use_ray: str = "auto"  # "auto" | "always" | "never"
     ray_min_records: int = 2000  # auto: folders / JSONL with at least this many images go through Ray
     ray_min_shards: int = 4  # auto: shard sets with at least this many shards go through Ray
-    num_actors: int = 2
-    cpus_per_actor: float = 1.0
+    # Embedding actors (Ray path): (min, max) that grow with the cluster by default (pipelines/pools.py).
+    pool: Pool = field(default_factory=Pool)
+    cpus_per_actor: float = 1.0  # CPU actors; a GPU actor asks for no CPU (GPU node types advertise none)
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs now, else 0 (CPU actors)
     cache_dir: str = ""  # "" = no cache
 
 
@@ -278,6 +309,20 @@ def _batches(rows: list[dict], size: int):
         yield {k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]}
 
 
+def actor_pool(opts: EmbedOptions) -> dict:
+    """map_batches arguments of the embedding actors: resources per actor and a (min, max) pool sized from
+    the cluster (growing with it when an autoscaler manages it)."""
+    import ray
+
+    gpus = opts.gpus_per_actor
+    if gpus is None:
+        gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
+    cpus = 0 if gpus else opts.cpus_per_actor
+    low, high = pool_bounds(opts.pool, {"CPU": cpus, "GPU": gpus})
+    compute = ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+    return {"num_cpus": cpus, "num_gpus": gpus, "compute": compute}
+
+
 def _run_images(eval_set: EvalSet, model_source, opts: EmbedOptions, image_size, use_ray: bool) -> list[dict]:
     to_rows = _record_rows(eval_set)
     if not use_ray:
@@ -290,16 +335,13 @@ def _run_images(eval_set: EvalSet, model_source, opts: EmbedOptions, image_size,
         return out
     import ray
 
-    gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0
     ds = ray.data.from_items(eval_set.units).flat_map(to_rows)
     ds = ds.map_batches(
         ImageEmbedder,
         fn_constructor_kwargs={"model_source": model_source, "image_size": image_size, "device": opts.device},
         batch_size=opts.batch_size,
         batch_format="numpy",
-        concurrency=opts.num_actors,
-        num_gpus=gpus,
-        num_cpus=opts.cpus_per_actor,
+        **actor_pool(opts),
     )
     return list(ds.iter_rows())
 
@@ -316,15 +358,12 @@ def _run_texts(texts: list[str], model_source, tokenizer, opts: EmbedOptions, us
         return np.concatenate(parts)
     import ray
 
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     ds = ray.data.from_items([{"i": i, "text": t} for i, t in enumerate(texts)]).map_batches(
         TextEmbedder,
         fn_constructor_kwargs={"model_source": model_source, "tokenizer": tokenizer, "device": opts.device},
         batch_size=opts.batch_size,
         batch_format="numpy",
-        concurrency=opts.num_actors,
-        num_gpus=gpus,
-        num_cpus=opts.cpus_per_actor,
+        **actor_pool(opts),
     )
     rows = sorted(ds.iter_rows(), key=lambda r: int(r["i"]))
     return np.stack([np.asarray(r["features"], dtype=np.float32) for r in rows])
@@ -332,9 +371,11 @@ def _run_texts(texts: list[str], model_source, tokenizer, opts: EmbedOptions, us
 
 def model_fingerprint(model_source) -> str:
     if isinstance(model_source, str | os.PathLike):
-        weights = Path(find_weights(str(model_source))).resolve()
-        st = weights.stat()
-        return f"{weights}:{st.st_size}:{st.st_mtime_ns}"
+        weights = find_weights(str(model_source))
+        fs, path = storage.resolve(weights)
+        info = fs.get_file_info(path)
+        mtime = info.mtime_ns if info.mtime_ns is not None else ""
+        return f"{weights if storage.is_s3(weights) else path}:{info.size}:{mtime}"
     h = hashlib.sha256()
     for name, t in sorted(model_source.state_dict().items()):
         h.update(name.encode())
