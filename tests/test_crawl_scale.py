@@ -119,17 +119,23 @@ def test_retry_pass_fetches_a_host_that_pushed_back(ray_local, http_server, tmp_
 
         first = build_crawl(urls, cfg, out)
         # images 1 and 5 come back later (rows 11, 15) from the other host; image 9 only behind the 429
-        assert first["totals"]["dropped"] == {"http_429": 3, "duplicate": 4} and first["totals"]["kept"] == 9
+        # The first 429 (Retry-After far above max_retry_after_s) defers that host: its other URLs are
+        # not requested at all in this pass (host_deferred), the first one is recorded as http_429.
+        dropped = first["totals"]["dropped"]
+        assert dropped.get("http_429", 0) + dropped.get("host_deferred", 0) == 3 and dropped["duplicate"] == 4
+        assert first["totals"]["kept"] == 9
         failed = [r for name in ("00000", "00001", "00002") for r in read_rows(out, name).to_pylist()
-                  if r["status"] == "http_429"]  # fmt: skip
-        assert sorted(r["ordinal"] for r in failed) == [1, 5, 9] and all(h.hits == 1 for h in handlers)
+                  if r["status"] in ("http_429", "host_deferred")]  # fmt: skip
+        assert sorted(r["ordinal"] for r in failed) == [1, 5, 9]
+        first_hits = [h.hits for h in handlers]
+        assert 1 <= sum(first_hits) <= 2 and all(n <= 1 for n in first_hits)
 
         for h in handlers:
             h.down = False
         cfg.retry_failed = True
         retried = build_crawl(urls, cfg, out)
         assert retried["run"]["shards_written"] == 0 and retried["run"]["shards_retried"] == 3
-        assert all(h.hits == 2 for h in handlers)
+        assert [h.hits for h in handlers] == [n + 1 for n in first_hits]  # each fetched once more
         clean_out = str(tmp_path / "clean")
         clean = build_crawl(urls, crawl_config(samples_per_shard=PER_SHARD, num_workers=1), clean_out)
         assert clean["totals"]["dropped"] == {"duplicate": 6} and clean["totals"]["kept"] == 10
