@@ -94,7 +94,7 @@ class CurationConfig:
 def batch_key(rows: pa.Table) -> str:
     """A stable name for a batch (same rows -> same key, on any worker): its size and a crc of its URLs."""
     crc = 0
-    for url in rows.column("url").to_pylist() if rows.num_rows else []:
+    for url in rows.column("url").to_pylist():
         crc = zlib.crc32(url.encode("utf-8"), crc)
     return f"{rows.num_rows}-{crc:08x}"
 
@@ -105,8 +105,9 @@ class FilterStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows, passed = split(batch)
-        maybe_fail("curate_filter", batch_key(rows))
         out, dropped = self.filter(rows) if rows.num_rows else (rows, {})
+        # Tests: fail after the work, as a lost worker would (a counter bumped by then would count twice).
+        maybe_fail("curate_filter", batch_key(rows))
         return emit(out, passed, "text_filter", rows.num_rows, dropped)
 
 
@@ -116,8 +117,8 @@ class MatchStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows, passed = split(batch)
-        maybe_fail("curate_match", batch_key(rows))
         out, dropped = self.matcher(rows)
+        maybe_fail("curate_match", batch_key(rows))
         return emit(out, passed, "match", rows.num_rows, dropped)
 
 

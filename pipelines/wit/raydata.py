@@ -6,31 +6,32 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from pipelines.faults import InjectedFault
 from pipelines.pools import Pool, pool_bounds
 
-# Application errors an actor task is retried on. Node loss and actor death are system errors, which Ray
-# Data retries anyway; InjectedFault is the tests' stand-in for them (pipelines/faults.py) and is never
-# raised unless the test switch is on.
-RETRY_ON: list[type[BaseException]] = [InjectedFault]
+# User errors a map task is retried on (Ray Data replays the task's input and skips the outputs it already
+# produced). Node loss and actor death are system errors, which Ray retries anyway; the injected fault is
+# the tests' stand-in for them (pipelines/faults.py: InjectedFault, raised only when the test switch is on).
+RETRIED_MAP_ERRORS = ["injected fault at"]
+MAX_MAP_RETRIES = 3
 
 
 @contextmanager
 def execution(shuffle: str) -> Iterator[None]:
-    """Run the block with Ray Data shuffle strategy `shuffle` and actor-task retries on `RETRY_ON`.
+    """Run the block with Ray Data shuffle strategy `shuffle` and map-task retries on RETRIED_MAP_ERRORS.
 
     Both are DataContext settings, captured by each Dataset when it is created; they are restored after
     the block (tests run several jobs in one process)."""
     from ray.data.context import DataContext, ShuffleStrategy
 
     ctx = DataContext.get_current()
-    before = ctx.shuffle_strategy, ctx.actor_task_retry_on_errors
+    before = ctx.shuffle_strategy, ctx.retried_map_errors, ctx.max_map_retries
     ctx.shuffle_strategy = ShuffleStrategy(shuffle)
-    ctx.actor_task_retry_on_errors = list(RETRY_ON)
+    ctx.retried_map_errors = list(RETRIED_MAP_ERRORS)
+    ctx.max_map_retries = max(ctx.max_map_retries, MAX_MAP_RETRIES)
     try:
         yield
     finally:
-        ctx.shuffle_strategy, ctx.actor_task_retry_on_errors = before
+        ctx.shuffle_strategy, ctx.retried_map_errors, ctx.max_map_retries = before
 
 
 def files_dataset(files: Sequence[str]) -> Any:
