@@ -29,3 +29,29 @@ def test_batch_keeps_matched_rows_with_lists():
     assert out.column("url").to_pylist() == ["a", "c"]
     assert out.column("matched_queries").to_pylist() == [["red", "red car", "car"], ["red"]]
     assert dropped == {"no_match": 1}
+
+
+def _per_caption(m: QueryMatcher, caption: str) -> list[str]:
+    """The word-boundary semantics as first written: one key and one automaton scan per caption."""
+    return list(dict.fromkeys(value for _, value in m.automaton.iter(match_key(caption))))
+
+
+def test_batched_matching_equals_per_caption_matching():
+    import random
+
+    rng = random.Random(7)
+    words = ["dog", "Hot", "new", "York", "café", "ΣΟΦΌΣ", "σοφός", "İstanbul", "straße", "東京", "a_b", "x2", "2024"]
+    words += ["NEW-YORK", "don't", "e-mail", "東京タワー", "naïve", "ﬁsh", "fish", "ǅemal", "ß"]
+    seps = [" ", "  ", ", ", "-", "_", ".", "!", "\t", "\n", "—", "", "’", "/", " (", ") ", "\x00"]
+    queries = ["dog", "hot dog", "new york", "york", "café", "σοφός", "istanbul", "straße", "東京", "a b", "x2"]
+    queries += ["2024", "don t", "e mail", "fish", "ǆemal", "ss", "naïve", "new", "ΣΟΦΟΣ"]
+    m = QueryMatcher(queries)
+    captions = ["", " ", "!!!", "\x00", "dog"]
+    for _ in range(3000):
+        n = rng.randint(0, 8)
+        captions.append("".join(rng.choice(words) + rng.choice(seps) for _ in range(n)))
+    for start in range(0, len(captions), 97):  # several batch sizes and boundaries
+        batch = captions[start : start + rng.randint(1, 200)]
+        assert m.match_batch(batch) == [_per_caption(m, c) for c in batch]
+    assert sum(bool(x) for x in m.match_batch(captions)) > 1000  # the set exercises real matches
+    assert m.match_batch(["Hot dog\x00", "NEW YORK"]) == [["hot dog", "dog"], ["new", "new york", "york"]]
