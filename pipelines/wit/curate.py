@@ -3,8 +3,8 @@
 The Ray Data graph (streaming; one read task per input file, reading it batch by batch):
 
     files -> ReadCandidates -> FilterStage (actor pool) -> MatchStage (actor pool, automaton built once per
-    actor) -> materialize  [funnel of read/filter/match: groupby-sum of tally rows]
-    -> bucket = crc32(url) % B -> groupby(bucket).map_groups(dedupe) -> materialize
+    actor) -> materialize -> bucket = crc32(url) % B -> groupby(bucket).map_groups(dedupe) -> materialize
+    -> funnel of read/filter/match/dedupe (groupby-sum of the tally rows)
     -> per-query counts (groupby(query).sum) -> AssignStage (rarest query + per-batch pre-cap, actor pool)
     -> bucket = crc32(query) % B' -> groupby(bucket).map_groups(cap) -> materialize -> write_parquet
     + output/_stats.json, then output/_fingerprint.json (the "finished" mark that `curate_or_reuse` checks)
@@ -16,8 +16,8 @@ the per-query counts and the balancing that uses them do not change.
 
 Global exactness with bounded memory: exact dedupe needs every copy of a URL in one place, and the exact
 cap every pair of a query. Rows get an explicit `bucket = crc32(key) % B` and `groupby("bucket")` hands
-each bucket whole to one call. B is derived from the number of rows going into the shuffle (known from the
-tallies: the stream is materialized there anyway, since a shuffle waits for all its input) and
+each bucket whole to one call. B is derived from the number of rows going into the shuffle (known once
+the stream is materialized there, which costs nothing: a shuffle waits for all its input anyway) and
 `rows_per_bucket`, so a call holds about that many rows whatever the input size. Before the cap shuffle
 each batch keeps only its `max_per_query` smallest keys per query (the global smallest are among them).
 """
@@ -123,15 +123,19 @@ class MatchStage:
 
 
 def add_bucket(batch: pa.Table, column: str, num_buckets: int) -> pa.Table:
-    """`bucket` = crc32(value) % num_buckets: a stable hash (Python's hash() differs per process)."""
-    buckets = [zlib.crc32(v.encode("utf-8")) % num_buckets for v in batch.column(column).to_pylist()]
+    """`bucket` = crc32(value) % num_buckets: a stable hash (Python's hash() differs per process).
+
+    Tally rows (null `column`) go to bucket 0, whose call passes them through."""
+    values = batch.column(column).to_pylist()
+    buckets = [zlib.crc32(v.encode("utf-8")) % num_buckets if v is not None else 0 for v in values]
     return batch.append_column("bucket", pa.array(buckets, pa.int32()))
 
 
 def dedupe_bucket(group: pa.Table) -> pa.Table:
-    """Dedupe one URL bucket: its survivors plus the `dedupe` tally rows."""
-    out, dropped = dedupe(group.drop_columns(["bucket"]))
-    return emit(out, None, "dedupe", group.num_rows, dropped)
+    """Dedupe one URL bucket: its survivors, the earlier stages' tally rows it holds, its own tally rows."""
+    rows, passed = split(group.drop_columns(["bucket"]))
+    out, dropped = dedupe(rows)
+    return emit(out, passed, "dedupe", rows.num_rows, dropped)
 
 
 def count_queries(batch: pa.Table, column: str) -> pa.Table:
@@ -222,11 +226,11 @@ def _matched(cfg: CurationConfig, files: list[str]) -> Any:
     )
 
 
-def _deduped(cfg: CurationConfig, matched: Any, num_rows: int) -> Any:
-    buckets = buckets_for(cfg, num_rows)
+def _deduped(cfg: CurationConfig, matched: Any) -> Any:
+    """Deduplicated rows plus every tally row so far (read, filter, match, dedupe), materialized."""
+    buckets = buckets_for(cfg, matched.count())  # rows, tally rows included: the shuffle's size
     return (
-        matched.map_batches(data_rows, batch_format="pyarrow")
-        .map_batches(add_bucket, fn_args=("url", buckets), batch_format="pyarrow")
+        matched.map_batches(add_bucket, fn_args=("url", buckets), batch_format="pyarrow")
         .groupby("bucket", num_partitions=buckets)
         .map_groups(dedupe_bucket, batch_format="pyarrow")
         .materialize()
@@ -283,15 +287,11 @@ def _curate(cfg: CurationConfig) -> dict[str, Any]:
     clear_output(cfg.output)
     funnel, before, after, balanced = Funnel(), {}, {}, None
     if files:
-        matched = _matched(cfg, files)
-        funnel = funnel_of(matched)
-        n_matched = funnel.stages["match"]["out"]
-    if files and n_matched:
-        deduped = _deduped(cfg, matched, n_matched)
-        del matched  # its blocks are no longer needed
-        funnel.merge(funnel_of(deduped))
-        rows = deduped.map_batches(data_rows, batch_format="pyarrow").materialize()
+        deduped = _deduped(cfg, _matched(cfg, files))
+        funnel = funnel_of(deduped)
         n_rows = funnel.stages["dedupe"]["out"]
+    if files and n_rows:
+        rows = deduped.map_batches(data_rows, batch_format="pyarrow")  # a cheap filter, run twice
         counts = _query_counts(rows, "matched_queries", buckets_for(cfg, n_rows))
         balanced = _balanced(cfg, rows, counts, n_rows)
         after_counts = _query_counts(balanced, "query", buckets_for(cfg, n_rows))
