@@ -6,7 +6,7 @@ automaton holds " query ". A hit of " york " in " new york city " can then only 
 boundaries, so the C matcher does all the work and Python only collects values. Overlapping entries are
 all reported (" new york ", " york ", " new york city "), as MetaCLIP's substring matching does.
 
-A batch is matched in one pass (`match_batch`): the captions are joined with a NUL separator, lower-cased
+A batch is matched in one pass (`match_batch`): the captions are joined with a separator letter, lower-cased
 and normalised by one regex call and scanned by one automaton call, and each hit is mapped back to its
 caption by the separators' positions. Per caption this leaves only the collection of its hits in Python,
 so word-boundary matching costs less than a plain per-caption substring scan (benchmarks/bench_curation.py).
@@ -17,6 +17,7 @@ is exactly the per-caption one (`match`); a batch whose captions hold the separa
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 
 import ahocorasick
@@ -24,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 _NON_WORD = re.compile(r"[\W_]+")
-_SEP = "\x00"
-_NON_WORD_BUT_SEP = re.compile(r"(?:[^\w\x00]|_)+")  # _NON_WORD without the separator
+# The batch separator: a letter (so the one-class regex above keeps it) without case, that no query holds.
+_SEP = "\ua66e"  # CYRILLIC LETTER MULTIOCULAR O
 
 
 def match_key(text: str) -> str:
@@ -52,7 +53,9 @@ class QueryMatcher:
     """
 
     def __init__(self, queries: Iterable[str]):
+        queries = list(queries)
         self.automaton = build_automaton(queries)
+        self.sep_in_queries = any(_SEP in q.lower() for q in queries)
 
     def match(self, caption: str) -> list[str]:
         # dict.fromkeys: unique, in order of first occurrence.
@@ -61,18 +64,16 @@ class QueryMatcher:
     def match_batch(self, captions: Sequence[str]) -> list[list[str]]:
         """`[self.match(c) for c in captions]`, in one regex call and one automaton scan."""
         text = f" {_SEP} ".join(captions)
-        if text.count(_SEP) != len(captions) - 1:  # a caption holds the separator itself
+        if self.sep_in_queries or text.count(_SEP) != len(captions) - 1:  # a caption holds the separator
             return [self.match(c) for c in captions]
-        text = _NON_WORD_BUT_SEP.sub(" ", f" {text.lower()} ")
-        hits = list(self.automaton.iter(text))
+        text = _NON_WORD.sub(" ", f" {text.lower()} ")
+        # Separator positions; a hit ending before the k-th separator belongs to caption k. Hits are consumed
+        # as they come: holding them all would make the garbage collector walk them over and over.
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        seps = np.flatnonzero(codes == ord(_SEP)).tolist()
         out: list[list[str]] = [[] for _ in captions]
-        if not hits:
-            return out
-        ends, values = zip(*hits)
-        # Separator positions; a hit ending before the k-th separator belongs to caption k.
-        seps = np.flatnonzero(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32) == 0)
-        for i, value in zip(np.searchsorted(seps, ends).tolist(), values):
-            out[i].append(value)
+        for end, value in self.automaton.iter(text):
+            out[bisect_right(seps, end)].append(value)
         # Unique, in order of first occurrence (a caption may hit a query twice).
         return [list(dict.fromkeys(m)) if len(m) > 1 else m for m in out]
 
