@@ -40,11 +40,51 @@ def test_batched_matching_equals_per_caption_matching():
     import random
 
     rng = random.Random(7)
-    words = "dog Hot new York café ΣΟΦΌΣ σοφός İstanbul straße 東京 a_b x2 2024 NEW-YORK don't".split()
-    words += "e-mail 東京タワー naïve ﬁsh fish ǅemal ß ꙮ".split()  # ꙮ: the batch separator, in a caption
+    words = [
+        "dog",
+        "Hot",
+        "new",
+        "York",
+        "café",
+        "ΣΟΦΌΣ",
+        "σοφός",
+        "İstanbul",
+        "straße",
+        "東京",
+        "a_b",
+        "x2",
+        "2024",
+        "NEW-YORK",
+        "don't",
+    ]
+    words += [
+        "e-mail",
+        "東京タワー",
+        "naïve",
+        "ﬁsh",
+        "fish",
+        "ǅemal",
+        "ß",
+        "ꙮ",
+    ]  # ꙮ: the batch separator, in a caption
     seps = [" ", "  ", ", ", "-", "_", ".", "!", "\t", "\n", "—", "", "’", "/", " (", ") ", "\x00"]
-    queries = "dog|hot dog|new york|york|café|σοφός|istanbul|straße|東京|a b|x2|2024|don t|e mail".split("|")
-    queries += "fish|ǆemal|ss|naïve|new|ΣΟΦΟΣ".split("|")
+    queries = [
+        "dog",
+        "hot dog",
+        "new york",
+        "york",
+        "café",
+        "σοφός",
+        "istanbul",
+        "straße",
+        "東京",
+        "a b",
+        "x2",
+        "2024",
+        "don t",
+        "e mail",
+    ]
+    queries += ["fish", "ǆemal", "ss", "naïve", "new", "ΣΟΦΟΣ"]
     m = QueryMatcher(queries)
     captions = ["", " ", "!!!", "\x00", "dog"]
     for _ in range(3000):
