@@ -285,12 +285,12 @@ def _curate(cfg: CurationConfig) -> dict[str, Any]:
     files = expand_inputs(cfg.inputs, TABLE_SUFFIXES + WAT_SUFFIXES)
     storage.makedirs(cfg.output)
     clear_output(cfg.output)
-    funnel, before, after, balanced = Funnel(), {}, {}, None
+    funnel, before, after, balanced, n_rows = Funnel(), {}, {}, None, 0
     if files:
         deduped = _deduped(cfg, _matched(cfg, files))
         funnel = funnel_of(deduped)
         n_rows = funnel.stages["dedupe"]["out"]
-    if files and n_rows:
+    if n_rows:
         rows = deduped.map_batches(data_rows, batch_format="pyarrow")  # a cheap filter, run twice
         counts = _query_counts(rows, "matched_queries", buckets_for(cfg, n_rows))
         balanced = _balanced(cfg, rows, counts, n_rows)
