@@ -33,7 +33,7 @@ def test_batch_keeps_matched_rows_with_lists():
 
 def _per_caption(m: QueryMatcher, caption: str) -> list[str]:
     """The word-boundary semantics as first written: one key and one automaton scan per caption."""
-    return list(dict.fromkeys(value for _, value in m.automaton.iter(match_key(caption))))
+    return [m.queries[i] for i in dict.fromkeys(v for _, v in m.automaton.iter(match_key(caption)))]
 
 
 def test_batched_matching_equals_per_caption_matching():
