@@ -2,9 +2,9 @@
 plan -> shard workers (crawl, image checks, shard writing) -> dedupe -> `_stats.json`, `_index.parquet`.
 
 Either `urls` names a plain url+caption table (curation skipped, crawled in input order) or the curation
-runs first (`curate` decides whether its own output can be reused). Curated rows are crawled in the order
-of a hash of (url, caption): deterministic whatever order curation wrote them in, and it spreads each
-domain's URLs over the crawl instead of hitting one host in bursts. The plan is written once under the
+runs first (`curate_or_reuse` reuses a finished curation only when its fingerprint matches). Curated rows
+are crawled in the order of a hash of (url, caption): deterministic whatever order curation wrote them in,
+and it spreads each domain's URLs over the crawl instead of hitting one host in bursts. The plan is written once under the
 output and reused by a rerun only when the curation's settings and files are the ones it was made from
 (else the job names what differs; `redo=true` starts the output over).
 """
@@ -26,7 +26,7 @@ from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.plan import PLAN_DIR
 from pipelines.crawl.shard import ROWS_DIR
 from pipelines.fingerprint import input_listing
-from pipelines.wit.curate import CurationConfig, curate
+from pipelines.wit.curate import CurationConfig, curate_or_reuse
 
 
 @dataclass
@@ -59,7 +59,7 @@ class CuratedSource:
         self.curation_stats: dict[str, Any] | None = None
 
     def __call__(self) -> ray.data.Dataset | None:
-        self.curation_stats = curate(self.cfg)
+        self.curation_stats = curate_or_reuse(self.cfg)  # refuses a curation made from other settings
         if not self.files():  # an empty curation result: an empty dataset
             return None
         ds = ray.data.read_parquet(self.cfg.output, file_extensions=["parquet"])

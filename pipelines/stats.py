@@ -2,8 +2,8 @@
 
 Stages compute counts for the batch they process (pure functions, testable without Ray) and return or write
 them as data (a shard's manifest, a per-task record) that the job reduces into `_stats.json`, so a retried
-task changes nothing. `StatsActor` (side-effect counting) is deprecated and will be removed.
-The invariant `n_in == n_out + sum(dropped)` holds per stage, so every input record is accounted for.
+task changes nothing. The invariant `n_in == n_out + sum(dropped)` holds per stage, so every input record
+is accounted for.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from typing import Any
-
-import ray
 
 
 def drop_counts(reasons: Iterable[str | None]) -> dict[str, int]:
@@ -69,35 +67,6 @@ class Funnel:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Funnel:
         return cls().merge(data)
-
-
-@ray.remote(num_cpus=0)
-class StatsActor:
-    """Deprecated (a retried task counts twice): collects funnel counts from Ray Data workers. To be removed
-    once the curation stops using it; the crawl build reduces per-shard manifests instead."""
-
-    def __init__(self) -> None:
-        self.funnel = Funnel()
-
-    def record(self, stage: str, n_in: int, n_out: int, dropped: Mapping[str, int] | None = None) -> None:
-        self.funnel.record(stage, n_in, n_out, dropped)
-
-    def add_counts(self, group: str, counts: Mapping[str, int]) -> None:
-        self.funnel.add_counts(group, counts)
-
-    def merge(self, data: Mapping[str, Any]) -> None:
-        self.funnel.merge(data)
-
-    def snapshot(self) -> dict[str, Any]:
-        return self.funnel.to_dict()
-
-    def reset(self) -> None:
-        self.funnel = Funnel()
-
-
-def get_or_create_stats_actor(name: str, namespace: str = "clip_wit") -> ray.actor.ActorHandle:
-    """One named collector per run; workers look it up by name."""
-    return StatsActor.options(name=name, namespace=namespace, get_if_exists=True).remote()
 
 
 def write_stats(uri: str, stats: Mapping[str, Any]) -> None:

@@ -167,7 +167,7 @@ def test_empty_curation_result_is_an_empty_dataset(ray_local, tmp_path, monkeypa
         Path(cfg.output).mkdir(parents=True, exist_ok=True)
         return {"stages": {"match": {"in": 3, "out": 0, "dropped": {"no_query": 3}}}}
 
-    monkeypatch.setattr(build_wit_module, "curate", curate_nothing)
+    monkeypatch.setattr(build_wit_module, "curate_or_reuse", curate_nothing)
     cfg = BuildWITConfig(output=str(tmp_path / "out"), crawl=crawl_config())
     cfg.curation.output = str(tmp_path / "curated")
     stats = build_wit(cfg)

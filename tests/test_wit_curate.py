@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import ConfigError, load_config
+from pipelines.fingerprint import StaleOutput
 from pipelines.wit.candidates import ColumnNames
-from pipelines.wit.curate import CurationConfig, curate
+from pipelines.wit.curate import CurationConfig, buckets_for, curate, curate_or_reuse
 from pipelines.wit.filters import FilterConfig
 from pipelines.wit.formats import (
     Synset,
@@ -147,3 +148,83 @@ def test_curation_end_to_end(ray_local, tmp_path):
     )
     assert empty["num_curated"] == 0 and empty["stages"]["text_filter"]["dropped"] == {"not_english": 1}
     assert pq.read_table(tmp_path / "empty").schema.names == list(out.columns)
+    assert empty["stages"]["balance"] == {"in": 0, "out": 0, "dropped": {}}
+
+    # No input at all (an empty folder): the same empty table and a zero funnel, no exception.
+    (tmp_path / "none").mkdir()
+    none = curate(
+        CurationConfig(**{**cfg.__dict__, "inputs": [str(tmp_path / "none")], "output": str(tmp_path / "o0")})
+    )
+    assert none["num_curated"] == 0 and none["stages"]["read"] == {"in": 0, "out": 0, "dropped": {}}
+    assert pq.read_table(tmp_path / "o0").schema.names == list(out.columns)
+
+
+def _small_curation(tmp_path, name: str, **overrides) -> CurationConfig:
+    """Two input files, two queries, duplicates and a cap that bites: every stage has counts."""
+    inputs = tmp_path / "small_inputs"
+    if not inputs.exists():
+        inputs.mkdir()
+        pq.write_table(
+            pa.table({"query": ["dog", "cat"], "source": ["unigram"] * 2, "score": [1.0] * 2}),
+            tmp_path / "small_q.parquet",
+        )
+        rows = [
+            (
+                f"https://img.example.com/{i}.jpg",
+                f"A happy {'dog' if i % 3 else 'cat'} playing in the green park",
+            )
+            for i in range(90)
+        ]
+        rows += rows[:6] + [("https://img.example.com/x.jpg", "Une table en bois dans la cuisine")]
+        table = pa.table({"url": [u for u, _ in rows], "caption": [c for _, c in rows]})
+        pq.write_table(table.slice(0, 50), inputs / "a.parquet")
+        pq.write_table(table.slice(50), inputs / "b.parquet")
+    base = dict(inputs=[str(inputs)], queries=str(tmp_path / "small_q.parquet"), output=str(tmp_path / name),
+                max_per_query=20, batch_rows=16, rows_per_bucket=40)  # fmt: skip
+    return CurationConfig(**{**base, **overrides})
+
+
+def _curated(out) -> list[dict]:
+    return sorted(pq.read_table(out).to_pylist(), key=lambda r: r["url"])
+
+
+def test_retried_tasks_change_nothing(ray_local, tmp_path):
+    """A filter task and a match task fail once after doing their work (Ray Data retries them): the
+    curated rows, the funnel and the per-query counts equal a run without faults."""
+    # One batch per stage (batch_rows > input rows), so each point fires exactly once.
+    clean = curate(_small_curation(tmp_path, "clean", batch_rows=1000))
+    assert clean["stages"]["dedupe"]["dropped"] == {"duplicate_pair": 6}
+    assert clean["counters"]["query_counts_after"] == {"dog": 20, "cat": 20}
+    faults = tmp_path / "faults"
+    env = {"CLIP_TEST_FAULTS": "curate_filter:*,curate_match:*", "CLIP_TEST_FAULTS_DIR": str(faults)}
+    # Ray workers take the switch from the job's environment: run the job in a task that sets it.
+    job = ray_local.remote(num_cpus=0, runtime_env={"env_vars": env})(curate)
+    faulty = ray_local.get(job.remote(_small_curation(tmp_path, "faulty", batch_rows=1000)))
+    assert len(list(faults.iterdir())) == 2  # both points fired (and were retried)
+    assert faulty["stages"] == clean["stages"] and faulty["counters"] == clean["counters"]
+    assert _curated(tmp_path / "faulty") == _curated(tmp_path / "clean")
+
+
+def test_reuse_only_when_settings_and_inputs_match(ray_local, tmp_path):
+    cfg = _small_curation(tmp_path, "reuse")
+    first = curate_or_reuse(cfg)
+    assert (tmp_path / "reuse" / "_fingerprint.json").exists()
+    assert curate_or_reuse(cfg) == first  # same settings and inputs: reused, not rerun
+    with pytest.raises(StaleOutput, match=r"max_per_query: 20 -> 10.*curation.redo"):
+        curate_or_reuse(_small_curation(tmp_path, "reuse", max_per_query=10))
+    (tmp_path / "small_inputs" / "c.parquet").write_bytes(
+        (tmp_path / "small_inputs" / "a.parquet").read_bytes()
+    )
+    with pytest.raises(StaleOutput, match="input added: .*c.parquet"):
+        curate_or_reuse(cfg)
+    redone = curate_or_reuse(_small_curation(tmp_path, "reuse", max_per_query=10, redo=True))
+    assert redone["counters"]["query_counts_after"] == {"dog": 10, "cat": 10}
+    assert len(_curated(tmp_path / "reuse")) == 20  # the old parts were replaced, not added to
+
+
+def test_bucket_count_follows_input_size():
+    cfg = CurationConfig(rows_per_bucket=1000)
+    assert [buckets_for(cfg, n) for n in (0, 1, 1000, 1001, 10**9)] == [1, 1, 1, 2, 10**6]
+    assert buckets_for(CurationConfig(num_buckets=3), 10**9) == 3
+    with pytest.raises(ValueError, match="rows_per_bucket"):
+        CurationConfig(rows_per_bucket=0)

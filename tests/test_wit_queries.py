@@ -7,16 +7,12 @@ from collections import Counter
 import pandas as pd
 
 from pipelines.wit.formats import Synset, write_mediawiki_dump, write_pageviews, write_wordnet
-from pipelines.wit.queries import (
-    CountWikiFile,
-    assemble_queries,
-    bigram_pmi,
-    iter_pageviews,
-    iter_wiki_pages,
-    read_wordnet_lemmas,
-    strip_wiki_markup,
-    words_and_bigrams,
-)
+from pipelines.wit.pageviews import iter_pageviews
+from pipelines.wit.pmi import bigram_pmi
+from pipelines.wit.queries import assemble_queries
+from pipelines.wit.tally import keyed_funnel
+from pipelines.wit.wikipedia import CountWikiFile, iter_wiki_pages, strip_wiki_markup, words_and_bigrams
+from pipelines.wit.wordnet import read_wordnet_lemmas
 
 WIKITEXT = """{{Infobox animal|name=Dog|image=Dog.jpg}}
 The '''dog''' (''Canis familiaris'') is a [[domesticated]] descendant of the [[wolf|wolves]].<ref>Smith 2000</ref>
@@ -66,7 +62,10 @@ def test_dump_reader_streams_and_survives_truncation(tmp_path):
     counts = Counter()
     for t in tables:
         counts.update(dict(zip(t.column("key").to_pylist(), t.column("count").to_pylist())))
-    assert len(tables) == 3 and counts["dogs"] == 300 and counts["about dogs"] == 300 and "chat" not in counts
+    assert len(tables) == 4 and counts["dogs"] == 300 and counts["about dogs"] == 300 and "chat" not in counts
+    # The last table is the file's funnel as tally keys, summed by the same groupby as the words.
+    funnel = keyed_funnel(list(counts), list(counts.values())).to_dict()
+    assert funnel["stages"]["wiki_pages"] == {"in": 301, "out": 300, "dropped": {"not_article": 1}}
 
 
 def test_pageviews_reader(tmp_path):

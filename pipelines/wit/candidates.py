@@ -27,8 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import storage
-from pipelines.stats import Funnel, get_or_create_stats_actor
+from pipelines.stats import Funnel
 from pipelines.wit.io import TRUNCATION_ERRORS, open_input
+from pipelines.wit.tally import conform, tally_schema, tally_table
 
 SCHEMA = pa.schema(
     [("url", pa.string()), ("caption", pa.string()), ("page_url", pa.string()), ("source", pa.string())]
@@ -253,18 +254,17 @@ def _read_wat(uri: str, columns: ColumnNames, rows: _Rows, kind: str) -> Iterato
 
 
 class ReadCandidates:
-    """Ray Data UDF: a batch of input paths in, common-schema batches out; counts go to the stats actor."""
+    """Ray Data UDF: a batch of input paths in, common-schema batches out, each file's `read` counts last
+    as tally rows (pipelines/wit/tally.py)."""
 
-    def __init__(
-        self, columns: ColumnNames | None = None, batch_rows: int = 8192, stats_actor: str | None = None
-    ):
-        self.columns, self.batch_rows, self.stats_actor = columns, batch_rows, stats_actor
+    def __init__(self, columns: ColumnNames | None = None, batch_rows: int = 8192):
+        self.columns, self.batch_rows = columns, batch_rows
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[pa.Table]:
+        schema = tally_schema(SCHEMA)
         for uri in batch["path"]:
             funnel = Funnel()
-            yield from read_candidates(str(uri), self.columns, self.batch_rows, funnel)
-            if self.stats_actor:
-                import ray
-
-                ray.get(get_or_create_stats_actor(self.stats_actor).merge.remote(funnel.to_dict()))
+            for rows in read_candidates(str(uri), self.columns, self.batch_rows, funnel):
+                yield conform(rows, schema)
+            e = funnel.stages["read"]
+            yield tally_table(SCHEMA, "read", e["in"], e["out"], e["dropped"])
