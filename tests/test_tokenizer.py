@@ -266,13 +266,13 @@ def mojibake_corpus(n: int, seed: int) -> list[str]:
 def test_windowed_mojibake_check_equals_ftfy():
     from ftfy.badness import is_bad
 
-    from clip_model import tokenizer
+    from clip_model.ftfy_shortcuts import SHORTCUTS, MojibakeTest
 
-    assert tokenizer._MOJIBAKE_ANCHORS is not None, "ftfy's regex no longer passes the proof: fast path off"
+    assert isinstance(SHORTCUTS.is_bad, MojibakeTest), "ftfy's regex no longer passes the proof: fast path off"
     texts = mojibake_corpus(4000, seed=0) + random_unicode(2000, seed=3) + EDGE_CASES
     answers = [is_bad(t) for t in texts]
     assert 0.2 < sum(answers) / len(answers) < 0.8  # both answers well represented
-    assert [tokenizer.looks_like_mojibake(t) for t in texts] == answers
+    assert [SHORTCUTS.is_bad(t) for t in texts] == answers
 
 
 @pytest.mark.parametrize(
@@ -292,7 +292,7 @@ def test_windowed_mojibake_check_equals_ftfy():
 def test_mojibake_anchors_proof(pattern, window, anchors):
     import re
 
-    from clip_model.tokenizer import mojibake_anchors
+    from clip_model.ftfy_shortcuts import mojibake_anchors
 
     found = mojibake_anchors(re.compile(pattern))
     if window is None:
@@ -311,7 +311,7 @@ def test_ascii_pretokenizer_equals_clip_pattern():
 
     clip = regex.compile(_PATTERN, regex.IGNORECASE)
     rng = random.Random(5)
-    alphabet = [chr(c) for c in range(0x21, 0x7F)] + ["'s", "'T", "'re", "'LL", "<|startoftext|>", "<|ENDOFTEXT|>"]
+    alphabet = [chr(c) for c in range(0x01, 0x80)] + ["'s", "'T", "'re", "'LL", "<|startoftext|>", "<|ENDOFTEXT|>"]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(20000)]
     assert [_ASCII_PATTERN.findall(t) for t in texts] == [clip.findall(t) for t in texts]
 
@@ -320,7 +320,8 @@ def test_printable_ascii_shortcut_equals_ftfy():
     """ASCII captions with '&' skip ftfy's full pipeline; every entity mix must still clean like OpenAI's."""
     import regex
 
-    from clip_model.tokenizer import _PATTERN, _fast_clean, _fix_printable_ascii
+    from clip_model.ftfy_shortcuts import SHORTCUTS, fast_clean
+    from clip_model.tokenizer import _PATTERN
 
     rng = random.Random(11)
     pieces = [
@@ -333,6 +334,6 @@ def test_printable_ascii_shortcut_equals_ftfy():
     texts = [
         "".join(rng.choice(pieces if i % 2 else ascii_out) for _ in range(rng.randint(1, 8))) for i in range(4000)
     ]
-    assert sum(_fix_printable_ascii(t) is None for t in texts) < len(texts) / 2  # the shortcut does apply
+    assert sum(SHORTCUTS.clean(t) is None for t in texts) < len(texts) / 2  # the shortcut does apply
     words = regex.compile(_PATTERN, regex.IGNORECASE).findall  # the invariant: the same pre-tokenised words
-    assert [words(_fast_clean(t)) for t in texts] == [words(clean_text(t)) for t in texts]
+    assert [words(fast_clean(t)) for t in texts] == [words(clean_text(t)) for t in texts]
