@@ -38,7 +38,10 @@ def clean_text(text: str) -> str:
 
 def after_ftfy(text: str) -> str:
     text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip().lower()
+    return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+_WHITESPACE = re.compile(r"\s+")
 
 
 # --- reading ftfy's mojibake regex (needs CPython's private re._parser) ---

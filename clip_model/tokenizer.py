@@ -21,12 +21,14 @@ Why this one is fast (same ids, see ``benchmarks/bench_tokenizer.py``):
 from __future__ import annotations
 
 import gzip
+import operator
 import os
 import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
+from itertools import compress, repeat
 
 import numpy as np
 import regex
@@ -194,25 +196,25 @@ class Tokenizer:
         """Packed ids of each word, all words in one call of the Rust BPE (OpenAI's merge order)."""
         if not words:
             return []
-        encode = self.byte_encoder.__getitem__
         # bytes_to_unicode maps printable ASCII to itself and no byte to whitespace; words hold no whitespace.
-        text = " ".join(
-            w if w.isascii() and w.isprintable() else "".join(map(encode, w.encode())) for w in words
-        )
+        text = " ".join(words)
+        if not (text.isascii() and text.isprintable()):
+            encode = self.byte_encoder.__getitem__
+            text = " ".join(
+                w if w.isascii() and w.isprintable() else "".join(map(encode, w.encode())) for w in words
+            )
         ids = np.array(self._hf_encode([text])[0].ids, dtype=_ID)
         # Each word's last token, and only it, ends with "</w>".
         ends = ((np.flatnonzero(self._ends_word[ids]) + 1) * _ID.itemsize).tolist()
         packed = ids.tobytes()
         return [packed[start:end] for start, end in zip([0, *ends], ends)]
 
-    def _learn(self, chunks: Iterable[str]) -> None:
-        """Fill both caches for every chunk not cached yet: one pre-tokeniser call per kind of text (printable
-        ASCII or not) over all new chunks, one BPE call for all new words."""
-        missing = list(set(chunks).difference(self._chunks))
-        if not missing:
-            return
+    def _learn(self, missing: Iterable[str]) -> None:
+        """Fill both caches for these new chunks: one pre-tokeniser call per kind of text (ASCII or not) over
+        all of them, one BPE call for all new words."""
+        missing = list(missing)
         ascii_chunks = [c for c in missing if c.isascii()]
-        other = [c for c in missing if not c.isascii()]
+        other = [c for c in missing if not c.isascii()] if len(ascii_chunks) < len(missing) else []
         # Chunks are joined with a separator word (never inside a chunk, see _flat_ids); spaces around it keep
         # it one pre-tokeniser match. Every ASCII character splits the same under both patterns.
         sep = f" {_SEP} "
@@ -234,7 +236,7 @@ class Tokenizer:
         return np.frombuffer(b"".join(map(self._words.__getitem__, words)), dtype=_ID).tolist()
 
     def _chunk_ids(self, chunk: str) -> bytes:
-        self._learn([chunk])
+        self._learn([chunk])  # (only after a cache reset in the middle of a batch)
         return dict.__getitem__(self._chunks, chunk)
 
     def _flat_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -249,8 +251,11 @@ class Tokenizer:
         # No pre-tokeniser match contains whitespace, so the tokens of a text are the tokens of its
         # space-delimited chunks, and texts are told apart by a separator chunk.
         chunks = f" {_SEP} ".join(pieces).split(" ")
-        self._learn(chunks)
-        flat = np.frombuffer(b"".join(map(self._chunks.__getitem__, chunks)), dtype=_ID).astype(np.int64)
+        found = list(map(self._chunks.get, chunks))  # one hash and lookup per chunk
+        if None in found:  # new chunks: learn them all at once
+            self._learn(set(compress(chunks, map(operator.is_, found, repeat(None)))))
+            found = list(map(self._chunks.__getitem__, chunks))  # __getitem__ recomputes after a cache reset
+        flat = np.frombuffer(b"".join(found), dtype=_ID).astype(np.int64)
         is_sep = flat == _SEP_ID
         rows = np.cumsum(is_sep)
         keep = ~is_sep
