@@ -219,11 +219,13 @@ class Tokenizer:
         # it one pre-tokeniser match. Every ASCII character splits the same under both patterns.
         sep = f" {_SEP} "
         words = _ASCII_PATTERN.findall(sep.join(ascii_chunks))
+        new = set(words).difference(self._words)
+        self._words.add(dict(zip(new, self._bpe_many(list(new)))))  # all printable ASCII: no byte mapping
         if other:
-            words += [_SEP] if ascii_chunks else []
-            words += self._pattern.findall(sep.join(other))
-        new = list(set(words).difference(self._words))
-        self._words.add(dict(zip(new, self._bpe_many(new))))
+            other_words = self._pattern.findall(sep.join(other))
+            new = list(set(other_words).difference(self._words))
+            self._words.add(dict(zip(new, self._bpe_many(new))))
+            words += [_SEP, *other_words] if ascii_chunks else other_words
         packed = b"".join(map(self._words.__getitem__, words))  # __getitem__ recomputes a word after a reset
         seps = np.flatnonzero(np.frombuffer(packed, dtype=_ID) == _SEP_ID) * _ID.itemsize
         starts, ends = [0, *(seps + _ID.itemsize).tolist()], [*seps.tolist(), len(packed)]
