@@ -172,18 +172,16 @@ class Tokenizer:
         self.sot_token = self.encoder[SOT]
         self.eot_token = self.encoder[EOT]
         self._pattern = regex.compile(_PATTERN, regex.IGNORECASE)
-        # Two caches: pre-tokenised word -> ids (BPE), and space-delimited chunk -> ids (regex + words).
-        self._words = _Cache(
-            lambda w: self._bpe_many([w])[0],
-            {SOT: _pack(self.sot_token), EOT: _pack(self.eot_token), _SEP: _pack(_SEP_ID)},
-            cache_size,
-        )
+        # Space-delimited chunk -> packed ids. New chunks are learnt a batch at a time (see _learn).
         self._chunks = _Cache(self._chunk_ids, {"": b"", _SEP: _pack(_SEP_ID)}, cache_size)
         hf = _hf_bpe(self.encoder, merges)
         self._hf_encode = getattr(
             hf, "encode_batch_fast", hf.encode_batch
         )  # _fast: no offsets (tokenizers>=0.21)
         self._ends_word = np.array([self.decoder[i].endswith(EOW) for i in range(len(vocab))])
+        # The separator word (NUL, never inside a chunk) byte-encodes to one character, whose token only it gives.
+        self._sep_word = self.byte_encoder[ord(_SEP)]
+        self._sep_token = self.encoder[self._sep_word + EOW]
 
     def __repr__(self) -> str:
         return (
@@ -191,51 +189,62 @@ class Tokenizer:
             f"context_length={self.context_length}, truncate={self.truncate})"
         )
 
-    # --- cache misses: pre-tokenised with one regex call, BPE-encoded with one call into Rust ---
-    def _bpe_many(self, words: Sequence[str]) -> list[bytes]:
-        """Packed ids of each word, all words in one call of the Rust BPE (OpenAI's merge order)."""
-        if not words:
-            return []
-        # bytes_to_unicode maps printable ASCII to itself and no byte to whitespace; words hold no whitespace.
+    # --- cache misses: one pre-tokeniser call per kind of text, one Rust BPE call per distinct word ---
+    def _bpe(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of the words concatenated, number of ids of each word): one call of the Rust BPE, with OpenAI's
+        merge order, on the words byte-encoded and joined by spaces (no byte encodes to whitespace)."""
         text = " ".join(words)
-        if not (text.isascii() and text.isprintable()):
+        if text.isascii() and text.replace(_SEP, "").isprintable():  # printable ASCII encodes to itself
+            text = text.replace(_SEP, self._sep_word)
+        else:
             encode = self.byte_encoder.__getitem__
             text = " ".join(
                 w if w.isascii() and w.isprintable() else "".join(map(encode, w.encode())) for w in words
             )
         ids = np.array(self._hf_encode([text])[0].ids, dtype=_ID)
-        # Each word's last token, and only it, ends with "</w>".
-        ends = ((np.flatnonzero(self._ends_word[ids]) + 1) * _ID.itemsize).tolist()
-        packed = ids.tobytes()
-        return [packed[start:end] for start, end in zip([0, *ends], ends)]
+        ends = np.flatnonzero(self._ends_word[ids])  # each word's last token, and only it, ends with "</w>"
+        return ids, np.diff(ends, prepend=-1)
+
+    def _word_ids(self, words: list[str]) -> np.ndarray:
+        """Ids of a sequence of pre-tokenised words; each distinct word is BPE-encoded once."""
+        if not words:
+            return np.zeros(0, dtype=_ID)
+        distinct = list(set(words))
+        index = dict(zip(distinct, range(len(distinct))))
+        # Literal special tokens are never split: BPE a one-token stand-in, then put their id in its place.
+        specials = [(index[w], self.encoder[w]) for w in (SOT, EOT) if w in index]
+        for i, _ in specials:
+            distinct[i] = _SEP
+        ids, lengths = self._bpe(distinct)
+        starts = np.cumsum(lengths) - lengths
+        for i, token in specials:
+            ids[starts[i]] = token
+        # Gather each occurrence's ids: concatenated ranges starts[w] .. starts[w] + lengths[w].
+        which = np.fromiter(map(index.__getitem__, words), dtype=np.intp, count=len(words))
+        counts = lengths[which]
+        shift = np.repeat(starts[which] - (np.cumsum(counts) - counts), counts)
+        return ids[np.arange(len(shift)) + shift]
 
     def _learn(self, missing: Iterable[str]) -> None:
-        """Fill both caches for these new chunks: one pre-tokeniser call per kind of text (ASCII or not) over
-        all of them, one BPE call for all new words."""
+        """Cache the ids of these new chunks: one pre-tokeniser call per kind of text (ASCII or not) over all
+        of them, one BPE call per kind."""
         missing = list(missing)
         ascii_chunks = [c for c in missing if c.isascii()]
-        other = [c for c in missing if not c.isascii()] if len(ascii_chunks) < len(missing) else []
-        # Chunks are joined with a separator word (never inside a chunk, see _flat_ids); spaces around it keep
-        # it one pre-tokeniser match. Every ASCII character splits the same under both patterns.
-        sep = f" {_SEP} "
-        words = _ASCII_PATTERN.findall(sep.join(ascii_chunks))
-        new = set(words).difference(self._words)
-        self._words.add(dict(zip(new, self._bpe_many(list(new)))))  # all printable ASCII: no byte mapping
-        if other:
-            other_words = self._pattern.findall(sep.join(other))
-            new = list(set(other_words).difference(self._words))
-            self._words.add(dict(zip(new, self._bpe_many(new))))
-            words += [_SEP, *other_words] if ascii_chunks else other_words
-        packed = b"".join(map(self._words.__getitem__, words))  # __getitem__ recomputes a word after a reset
-        seps = np.flatnonzero(np.frombuffer(packed, dtype=_ID) == _SEP_ID) * _ID.itemsize
-        starts, ends = [0, *(seps + _ID.itemsize).tolist()], [*seps.tolist(), len(packed)]
-        self._chunks.add({c: packed[s:e] for c, s, e in zip(ascii_chunks + other, starts, ends)})
+        groups = [(ascii_chunks, _ASCII_PATTERN)]  # every ASCII character splits the same under both patterns
+        if len(ascii_chunks) < len(missing):
+            groups.append(([c for c in missing if not c.isascii()], self._pattern))
+        # Chunks are joined with the separator word; the spaces around it keep it one pre-tokeniser match.
+        for chunks, pattern in groups:
+            ids = self._word_ids(pattern.findall(f" {_SEP} ".join(chunks)))
+            seps = (np.flatnonzero(ids == self._sep_token) * _ID.itemsize).tolist()
+            packed = ids.tobytes()
+            starts, ends = [0, *(s + _ID.itemsize for s in seps)], [*seps, len(packed)]
+            self._chunks.add({c: packed[s:e] for c, s, e in zip(chunks, starts, ends)})
 
     # --- encoding ---
     def encode(self, text: str) -> list[int]:
         """Ids of one text, without start/end tokens."""
-        words = self._pattern.findall(fast_clean(text))
-        return np.frombuffer(b"".join(map(self._words.__getitem__, words)), dtype=_ID).tolist()
+        return self._word_ids(self._pattern.findall(fast_clean(text))).tolist()
 
     def _chunk_ids(self, chunk: str) -> bytes:
         self._learn([chunk])  # (only after a cache reset in the middle of a batch)
