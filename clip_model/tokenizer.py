@@ -142,6 +142,51 @@ class _Cache(dict):
         self.update(items)
 
 
+class _WordIds:
+    """word -> ids for the words seen so far: a dict word -> slot and the slots' ids in flat, growing numpy
+    arrays, so a word sequence's ids are gathered by numpy with no Python work per word. Past max_size words
+    it is cleared (back to the fixed words)."""
+
+    def __init__(self, fixed: dict[str, list[int]], max_size: int):
+        self._fixed, self.max_size = fixed, max_size
+        self.clear()
+
+    def clear(self) -> None:
+        self.index: dict[str, int] = {}
+        self._starts, self._lengths, self._ids = np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros(0, _ID)
+        self._n_ids = 0
+        lengths = np.array([len(ids) for ids in self._fixed.values()], dtype=np.intp)
+        self.add(
+            list(self._fixed), np.array([i for ids in self._fixed.values() for i in ids], dtype=_ID), lengths
+        )
+
+    def add(self, words: list[str], ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Add new words, given their ids concatenated and the number of ids of each."""
+        n_words, n_ids = len(self.index), self._n_ids
+        self._starts = _put(self._starts, n_words, n_ids + np.cumsum(lengths) - lengths)
+        self._lengths = _put(self._lengths, n_words, lengths)
+        self._ids = _put(self._ids, n_ids, ids)
+        self._n_ids += len(ids)
+        self.index.update(zip(words, range(n_words, n_words + len(words))))
+
+    def gather(self, words: list[str]) -> np.ndarray:
+        """The ids of a sequence of known words, concatenated."""
+        slots = np.fromiter(map(self.index.__getitem__, words), dtype=np.intp, count=len(words))
+        counts = self._lengths[slots]
+        shift = np.repeat(self._starts[slots] - (np.cumsum(counts) - counts), counts)
+        return self._ids[np.arange(len(shift)) + shift]
+
+
+def _put(buf: np.ndarray, at: int, values: np.ndarray) -> np.ndarray:
+    """buf with values written from `at`, grown (doubling) when too small."""
+    if at + len(values) > len(buf):
+        grown = np.zeros(max(2 * len(buf), at + len(values)), dtype=buf.dtype)
+        grown[:at] = buf[:at]
+        buf = grown
+    buf[at : at + len(values)] = values
+    return buf
+
+
 class Tokenizer:
     """CLIP BPE tokenizer. ``tok(texts)`` -> LongTensor [n, context_length]: sot, ids, eot, zero padding."""
 
@@ -179,9 +224,11 @@ class Tokenizer:
             hf, "encode_batch_fast", hf.encode_batch
         )  # _fast: no offsets (tokenizers>=0.21)
         self._ends_word = np.array([self.decoder[i].endswith(EOW) for i in range(len(vocab))])
-        # The separator word (NUL, never inside a chunk) byte-encodes to one character, whose token only it gives.
-        self._sep_word = self.byte_encoder[ord(_SEP)]
-        self._sep_token = self.encoder[self._sep_word + EOW]
+        # Literal special tokens are never split; the separator word (NUL, never inside a chunk) gets _SEP_ID.
+        fixed = {SOT: [self.sot_token], EOT: [self.eot_token], _SEP: [_SEP_ID]}
+        self._words = _WordIds(fixed, cache_size)
+        # The id NUL really has (a text holding NUL is encoded apart from its batch, see _flat_ids).
+        self._nul_token = self.encoder[self.byte_encoder[ord(_SEP)] + EOW]
 
     def __repr__(self) -> str:
         return (
@@ -194,9 +241,7 @@ class Tokenizer:
         """(ids of the words concatenated, number of ids of each word): one call of the Rust BPE, with OpenAI's
         merge order, on the words byte-encoded and joined by spaces (no byte encodes to whitespace)."""
         text = " ".join(words)
-        if text.isascii() and text.replace(_SEP, "").isprintable():  # printable ASCII encodes to itself
-            text = text.replace(_SEP, self._sep_word)
-        else:
+        if not (text.isascii() and text.isprintable()):  # printable ASCII encodes to itself
             encode = self.byte_encoder.__getitem__
             text = " ".join(
                 w if w.isascii() and w.isprintable() else "".join(map(encode, w.encode())) for w in words
@@ -206,24 +251,15 @@ class Tokenizer:
         return ids, np.diff(ends, prepend=-1)
 
     def _word_ids(self, words: list[str]) -> np.ndarray:
-        """Ids of a sequence of pre-tokenised words; each distinct word is BPE-encoded once."""
-        if not words:
-            return np.zeros(0, dtype=_ID)
-        distinct = list(set(words))
-        index = dict(zip(distinct, range(len(distinct))))
-        # Literal special tokens are never split: BPE a one-token stand-in, then put their id in its place.
-        specials = [(index[w], self.encoder[w]) for w in (SOT, EOT) if w in index]
-        for i, _ in specials:
-            distinct[i] = _SEP
-        ids, lengths = self._bpe(distinct)
-        starts = np.cumsum(lengths) - lengths
-        for i, token in specials:
-            ids[starts[i]] = token
-        # Gather each occurrence's ids: concatenated ranges starts[w] .. starts[w] + lengths[w].
-        which = np.fromiter(map(index.__getitem__, words), dtype=np.intp, count=len(words))
-        counts = lengths[which]
-        shift = np.repeat(starts[which] - (np.cumsum(counts) - counts), counts)
-        return ids[np.arange(len(shift)) + shift]
+        """Ids of a sequence of pre-tokenised words; words not seen before are BPE-encoded in one call."""
+        store = self._words
+        new = list(set(words).difference(store.index))
+        if len(store.index) + len(new) > store.max_size:
+            store.clear()
+            new = list(set(words).difference(store.index))
+        if new:
+            store.add(new, *self._bpe(new))
+        return store.gather(words)
 
     def _learn(self, missing: Iterable[str]) -> None:
         """Cache the ids of these new chunks: one pre-tokeniser call per kind of text (ASCII or not) over all
@@ -236,7 +272,7 @@ class Tokenizer:
         # Chunks are joined with the separator word; the spaces around it keep it one pre-tokeniser match.
         for chunks, pattern in groups:
             ids = self._word_ids(pattern.findall(f" {_SEP} ".join(chunks)))
-            seps = (np.flatnonzero(ids == self._sep_token) * _ID.itemsize).tolist()
+            seps = (np.flatnonzero(ids == _SEP_ID) * _ID.itemsize).tolist()
             packed = ids.tobytes()
             starts, ends = [0, *(s + _ID.itemsize for s in seps)], [*seps, len(packed)]
             self._chunks.add({c: packed[s:e] for c, s, e in zip(chunks, starts, ends)})
@@ -244,7 +280,9 @@ class Tokenizer:
     # --- encoding ---
     def encode(self, text: str) -> list[int]:
         """Ids of one text, without start/end tokens."""
-        return self._word_ids(self._pattern.findall(fast_clean(text))).tolist()
+        ids = self._word_ids(self._pattern.findall(fast_clean(text)))
+        ids[ids == _SEP_ID] = self._nul_token
+        return ids.tolist()
 
     def _chunk_ids(self, chunk: str) -> bytes:
         self._learn([chunk])  # (only after a cache reset in the middle of a batch)
