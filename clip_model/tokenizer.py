@@ -5,17 +5,14 @@ lowercasing, CLIP's pre-tokenisation regex, byte-to-unicode mapping, ``</w>`` en
 ``clip_model/_bpe_reference.py`` is a plain transcription of that code; tests check id equality.
 
 Why this one is fast (same ids, see ``benchmarks/bench_tokenizer.py``):
-- captions for which ftfy/HTML unescaping/whitespace collapse provably leave the tokens unchanged skip them
-  (``skips_ftfy``: printable ASCII without ``&``, or printable NFC text without ``&`` that ftfy's own tables
-  and mojibake test leave alone); only the lowercasing matters then. ftfy's mojibake test is searched only
-  around the characters each of its matches must hold, and printable ASCII with HTML entities only runs
-  ftfy's entity unescaping (all ftfy can change there);
+- captions that ftfy/HTML unescaping provably leave alone (or only unescape / uncurl quotes) skip ftfy's full
+  pipeline (``clip_model.ftfy_shortcuts``, verified against ftfy at import, with a fallback);
 - no pre-tokeniser match contains a space, so a text's ids are the ids of its space-delimited chunks:
-  a batch is joined into one string, split on spaces, and each distinct chunk is pre-tokenised and
-  BPE-encoded once (chunk -> ids and word -> ids caches; printable-ASCII chunks by an equivalent stdlib
-  pattern, new words by the Rust BPE of HF ``tokenizers`` with OpenAI's merge order);
-- cached ids are packed int32 bytes, so a batch's ids are one ``bytes.join`` (no Python int per id),
-  and rows are padded and truncated with vectorised numpy.
+  a batch is joined into one string and split on spaces, and each chunk's packed int32 ids are cached, so a
+  batch's ids are one ``bytes.join`` (no Python int per id) and rows are padded with vectorised numpy;
+- a batch's new chunks are pre-tokenised by one regex call per kind of text (an equivalent stdlib pattern
+  for ASCII), and its new words are BPE-encoded by one call of HF ``tokenizers``' Rust BPE (OpenAI's merge
+  order); word ids live in flat numpy arrays, gathered without Python work per word.
 """
 
 from __future__ import annotations
