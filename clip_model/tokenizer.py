@@ -269,9 +269,8 @@ class Tokenizer:
         # Chunks are joined with the separator word; the spaces around it keep it one pre-tokeniser match.
         for chunks, pattern in groups:
             ids = self._word_ids(pattern.findall(f" {_SEP} ".join(chunks)))
-            seps = (np.flatnonzero(ids == _SEP_ID) * _ID.itemsize).tolist()
-            packed = ids.tobytes()
-            starts, ends = [0, *(s + _ID.itemsize for s in seps)], [*seps, len(packed)]
+            packed, seps = ids.tobytes(), np.flatnonzero(ids == _SEP_ID) * _ID.itemsize
+            starts, ends = [0, *(seps + _ID.itemsize).tolist()], [*seps.tolist(), len(packed)]
             self._chunks.add({c: packed[s:e] for c, s, e in zip(chunks, starts, ends)})
 
     # --- encoding ---
@@ -291,12 +290,13 @@ class Tokenizer:
         pieces = [
             t.lower() if t.isascii() and "&" not in t and t.isprintable() else fast_clean(t) for t in texts
         ]
-        odd = [i for i, p in enumerate(pieces) if _SEP in p]  # a NUL survived cleaning: no batch separator
-        for i in odd:
-            pieces[i] = ""
         # No pre-tokeniser match contains whitespace, so the tokens of a text are the tokens of its
         # space-delimited chunks, and texts are told apart by a separator chunk.
-        chunks = f" {_SEP} ".join(pieces).split(" ")
+        joined, odd = f" {_SEP} ".join(pieces), []
+        if joined.count(_SEP) >= len(pieces):  # a NUL survived cleaning: those texts take the per-text path
+            odd = [i for i, p in enumerate(pieces) if _SEP in p]
+            joined = f" {_SEP} ".join("" if _SEP in p else p for p in pieces)
+        chunks = joined.split(" ")
         found = list(map(self._chunks.get, chunks))  # one hash and lookup per chunk
         if None in found:  # new chunks: learn them all at once
             self._learn(set(compress(chunks, map(operator.is_, found, repeat(None)))))
