@@ -220,6 +220,9 @@ class Tokenizer:
         self._hf_encode = getattr(
             hf, "encode_batch_fast", hf.encode_batch
         )  # _fast: no offsets (tokenizers>=0.21)
+        # Byte (read as latin-1) -> its BPE symbol, but the spaces that separate words stay spaces.
+        self._byte_table = [self.byte_encoder[b] for b in range(256)]
+        self._byte_table[ord(" ")] = " "
         self._ends_word = np.array([self.decoder[i].endswith(EOW) for i in range(len(vocab))])
         # Literal special tokens are never split; the separator word (NUL, never inside a chunk) gets _SEP_ID.
         fixed = {SOT: [self.sot_token], EOT: [self.eot_token], _SEP: [_SEP_ID]}
@@ -239,10 +242,7 @@ class Tokenizer:
         merge order, on the words byte-encoded and joined by spaces (no byte encodes to whitespace)."""
         text = " ".join(words)
         if not (text.isascii() and text.isprintable()):  # printable ASCII encodes to itself
-            encode = self.byte_encoder.__getitem__
-            text = " ".join(
-                w if w.isascii() and w.isprintable() else "".join(map(encode, w.encode())) for w in words
-            )
+            text = text.encode().decode("latin-1").translate(self._byte_table)  # all of it in one C call
         ids = np.array(self._hf_encode([text])[0].ids, dtype=_ID)
         ends = np.flatnonzero(self._ends_word[ids])  # each word's last token, and only it, ends with "</w>"
         return ids, np.diff(ends, prepend=-1)
