@@ -5,37 +5,33 @@ lowercasing, CLIP's pre-tokenisation regex, byte-to-unicode mapping, ``</w>`` en
 ``clip_model/_bpe_reference.py`` is a plain transcription of that code; tests check id equality.
 
 Why this one is fast (same ids, see ``benchmarks/bench_tokenizer.py``):
-- captions for which ftfy/HTML unescaping/whitespace collapse provably leave the tokens unchanged skip them
-  (``skips_ftfy``: printable ASCII without ``&``, or printable NFC text without ``&`` that ftfy's own tables
-  and mojibake test leave alone); only the lowercasing matters then. ftfy's mojibake test is searched only
-  around the characters each of its matches must hold, and printable ASCII with HTML entities only runs
-  ftfy's entity unescaping (all ftfy can change there);
+- captions that ftfy/HTML unescaping provably leave alone (or only unescape / uncurl quotes) skip ftfy's full
+  pipeline (``clip_model.ftfy_shortcuts``, verified against ftfy at import, with a fallback);
 - no pre-tokeniser match contains a space, so a text's ids are the ids of its space-delimited chunks:
-  a batch is joined into one string, split on spaces, and each distinct chunk is pre-tokenised and
-  BPE-encoded once (chunk -> ids and word -> ids caches; printable-ASCII chunks by an equivalent stdlib
-  pattern, new words by the Rust BPE of HF ``tokenizers`` with OpenAI's merge order);
-- cached ids are packed int32 bytes, so a batch's ids are one ``bytes.join`` (no Python int per id),
-  and rows are padded and truncated with vectorised numpy.
+  a batch is joined into one string and split on spaces, and each chunk's packed int32 ids are cached, so a
+  batch's ids are one ``bytes.join`` (no Python int per id) and rows are padded with vectorised numpy;
+- a batch's new chunks are pre-tokenised by one regex call per kind of text (an equivalent stdlib pattern
+  for ASCII), and its new words are BPE-encoded by one call of HF ``tokenizers``' Rust BPE (OpenAI's merge
+  order); word ids live in flat numpy arrays, gathered without Python work per word.
 """
 
 from __future__ import annotations
 
 import gzip
-import html
+import operator
 import os
 import re
 import tempfile
-import unicodedata
 import warnings
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from itertools import chain
+from itertools import compress, repeat
 
-import ftfy
 import numpy as np
 import regex
 import torch
-from ftfy.badness import BADNESS_RE, is_bad
+
+from clip_model.ftfy_shortcuts import clean_text, fast_clean, skips_ftfy  # noqa: F401 (re-exported)
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -70,144 +66,6 @@ def bytes_to_unicode() -> dict[int, str]:
             cs.append(256 + n)
             n += 1
     return dict(zip(bs, map(chr, cs)))
-
-
-def clean_text(text: str) -> str:
-    """OpenAI's normalisation: ftfy, HTML unescaping twice, whitespace collapse, lowercasing."""
-    return _after_ftfy(ftfy.fix_text(text))
-
-
-def _after_ftfy(text: str) -> str:
-    text = html.unescape(html.unescape(text)).strip()
-    return re.sub(r"\s+", " ", text).strip().lower()
-
-
-def _ftfy_touched_chars() -> frozenset[str]:
-    """Every character a fixer after ftfy's mojibake step may change (ligatures, full/half width, curly quotes,
-    control characters), read from ftfy's own tables."""
-    from ftfy import chardata
-
-    codes = set(chardata.LIGATURES) | set(chardata.WIDTH_MAP) | set(chardata.CONTROL_CHARS)
-    quotes = {
-        chr(c)
-        for c in range(0x10000)
-        if chardata.SINGLE_QUOTE_RE.match(chr(c)) or chardata.DOUBLE_QUOTE_RE.match(chr(c))
-    }
-    return frozenset(map(chr, codes)) | quotes
-
-
-_FTFY_TOUCHED = _ftfy_touched_chars()
-
-
-def _anchor_ranges(op, av) -> list[tuple[int, int]] | None:
-    """The code-point ranges of the character one item of a parsed `re` pattern must consume, when all are
-    non-ASCII; None when the item can match (or skip) without such a character. Raises ValueError for items
-    a windowed search may get wrong (end anchors, word boundaries, groups, lookarounds see past a window)."""
-    from re import _constants as c
-
-    if op is c.LITERAL:
-        return [(av, av)] if av >= 128 else None
-    if op is c.NOT_LITERAL or op is c.ANY:
-        return None
-    if op is c.IN:
-        ranges = []
-        for item_op, item_av in av:
-            if item_op is c.LITERAL and item_av >= 128:
-                ranges.append((item_av, item_av))
-            elif item_op is c.RANGE and item_av[0] >= 128:
-                ranges.append(item_av)
-            else:  # an ASCII character, a negation or a category (\s, \w): not an anchor
-                return None
-        return ranges
-    if op is c.AT and av in (c.AT_BEGINNING, c.AT_BEGINNING_STRING):  # search(pos=) keeps the real start
-        return None
-    if op in (c.MAX_REPEAT, c.MIN_REPEAT) and len(av[2]) == 1:
-        lo, _, [(item_op, item_av)] = av
-        inner = _anchor_ranges(item_op, item_av)
-        return inner if lo else None
-    raise ValueError(f"no windowed search through {op}")
-
-
-def mojibake_anchors(pattern: re.Pattern) -> tuple[int, re.Pattern] | None:
-    """(longest match, a class of anchor characters) when every match of `pattern` provably holds an anchor
-    (each branch is a run of single-character items, one of which only matches non-ASCII characters; those
-    are its anchors), else None. A text then matches iff it matches within the longest match of an anchor."""
-    from re import _constants as c
-    from re import _parser
-
-    if pattern.flags & re.IGNORECASE:  # case folding maps some non-ASCII letters to ASCII ones
-        return None
-    tree = _parser.parse(pattern.pattern, pattern.flags)
-    branches = tree.data[0][1][1] if len(tree.data) == 1 and tree.data[0][0] is c.BRANCH else [tree]
-    anchors: set[tuple[int, int]] = set()
-    for branch in branches:
-        try:
-            candidates = [r for op, av in branch if (r := _anchor_ranges(op, av)) is not None]
-        except ValueError:
-            return None
-        if not candidates:  # this branch can match all-ASCII text
-            return None
-        anchors.update(min(candidates, key=lambda ranges: sum(hi - lo + 1 for lo, hi in ranges)))
-    width = tree.getwidth()[1]
-    if width > 64:
-        return None
-    char_class = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in sorted(anchors))
-    return width, re.compile(f"[{char_class}]")
-
-
-_MOJIBAKE_ANCHORS = mojibake_anchors(BADNESS_RE)
-
-
-def looks_like_mojibake(text: str) -> bool:
-    """ftfy's `is_bad(text)`, searched only around the characters every one of its matches holds (found in
-    ftfy's regex at import): the same answer, several times faster, and at once for most non-ASCII text."""
-    if _MOJIBAKE_ANCHORS is None:
-        return is_bad(text)
-    width, anchors = _MOJIBAKE_ANCHORS
-    search, reach = BADNESS_RE.search, width - 1
-    return any(search(text, max(0, m.start() - reach), m.end() + reach) for m in anchors.finditer(text))
-
-
-def skips_ftfy(text: str) -> bool:
-    """True when OpenAI's clean-up (ftfy, HTML unescaping, whitespace collapse) provably leaves the text's
-    tokens unchanged, so lowercasing is all that matters: no '&' (HTML), printable (no control, line-break
-    or non-space whitespace character: the only whitespace is ' ', which the pre-tokeniser skips), and, past
-    ASCII, NFC, no character any later ftfy fixer changes, and no mojibake by ftfy's own test (`is_bad`),
-    which is exactly the gate of ftfy's encoding fix."""
-    if "&" in text or not text.isprintable():
-        return False
-    return text.isascii() or (
-        _FTFY_TOUCHED.isdisjoint(text)
-        and unicodedata.is_normalized("NFC", text)
-        and not looks_like_mojibake(text)
-    )
-
-
-def _fix_printable_ascii(text: str) -> str | None:
-    """`ftfy.fix_text(text)` for printable ASCII text, or None where this shortcut does not know it. Of ftfy's
-    fixers only HTML unescaping changes such text (the others act on non-ASCII or control characters);
-    ftfy repeats its fixers to a fixed point, and unescapes only text without '<'."""
-    from ftfy.fixes import unescape_html
-
-    if len(text) >= 1_000_000:  # ftfy fixes longer text in segments
-        return None
-    if "<" in text:  # looks like markup: ftfy leaves its entities alone
-        return text
-    while (fixed := unescape_html(text)) != text:
-        if not (fixed.isascii() and fixed.isprintable()):  # an entity gave a character other fixers may touch
-            return None
-        text = fixed
-    return text
-
-
-def _fast_clean(text: str) -> str:
-    if skips_ftfy(text):
-        return text.lower()
-    if text.isascii() and text.isprintable():  # with '&': maybe HTML entities
-        fixed = _fix_printable_ascii(text)
-        if fixed is not None:
-            return _after_ftfy(fixed)
-    return clean_text(text)
 
 
 def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -281,6 +139,51 @@ class _Cache(dict):
         self.update(items)
 
 
+class _WordIds:
+    """word -> ids for the words seen so far: a dict word -> slot and the slots' ids in flat, growing numpy
+    arrays, so a word sequence's ids are gathered by numpy with no Python work per word. Past max_size words
+    it is cleared (back to the fixed words)."""
+
+    def __init__(self, fixed: dict[str, list[int]], max_size: int):
+        self._fixed, self.max_size = fixed, max_size
+        self.clear()
+
+    def clear(self) -> None:
+        self.index: dict[str, int] = {}
+        self._starts, self._lengths, self._ids = np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros(0, _ID)
+        self._n_ids = 0
+        lengths = np.array([len(ids) for ids in self._fixed.values()], dtype=np.intp)
+        self.add(
+            list(self._fixed), np.array([i for ids in self._fixed.values() for i in ids], dtype=_ID), lengths
+        )
+
+    def add(self, words: list[str], ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Add new words, given their ids concatenated and the number of ids of each."""
+        n_words, n_ids = len(self.index), self._n_ids
+        self._starts = _put(self._starts, n_words, n_ids + np.cumsum(lengths) - lengths)
+        self._lengths = _put(self._lengths, n_words, lengths)
+        self._ids = _put(self._ids, n_ids, ids)
+        self._n_ids += len(ids)
+        self.index.update(zip(words, range(n_words, n_words + len(words))))
+
+    def gather(self, words: list[str]) -> np.ndarray:
+        """The ids of a sequence of known words, concatenated."""
+        slots = np.fromiter(map(self.index.__getitem__, words), dtype=np.intp, count=len(words))
+        counts = self._lengths[slots]
+        shift = np.repeat(self._starts[slots] - (np.cumsum(counts) - counts), counts)
+        return self._ids[np.arange(len(shift)) + shift]
+
+
+def _put(buf: np.ndarray, at: int, values: np.ndarray) -> np.ndarray:
+    """buf with values written from `at`, grown (doubling) when too small."""
+    if at + len(values) > len(buf):
+        grown = np.zeros(max(2 * len(buf), at + len(values)), dtype=buf.dtype)
+        grown[:at] = buf[:at]
+        buf = grown
+    buf[at : at + len(values)] = values
+    return buf
+
+
 class Tokenizer:
     """CLIP BPE tokenizer. ``tok(texts)`` -> LongTensor [n, context_length]: sot, ids, eot, zero padding."""
 
@@ -311,14 +214,21 @@ class Tokenizer:
         self.sot_token = self.encoder[SOT]
         self.eot_token = self.encoder[EOT]
         self._pattern = regex.compile(_PATTERN, regex.IGNORECASE)
-        # Two caches: pre-tokenised word -> ids (BPE), and space-delimited chunk -> ids (regex + words).
-        self._words = _Cache(
-            lambda w: self._bpe_many([w])[0],
-            {SOT: _pack(self.sot_token), EOT: _pack(self.eot_token)},
-            cache_size,
-        )
+        # Space-delimited chunk -> packed ids. New chunks are learnt a batch at a time (see _learn).
         self._chunks = _Cache(self._chunk_ids, {"": b"", _SEP: _pack(_SEP_ID)}, cache_size)
-        self._hf = _hf_bpe(self.encoder, merges)
+        hf = _hf_bpe(self.encoder, merges)
+        self._hf_encode = getattr(
+            hf, "encode_batch_fast", hf.encode_batch
+        )  # _fast: no offsets (tokenizers>=0.21)
+        # Byte (read as latin-1) -> its BPE symbol, but the spaces that separate words stay spaces.
+        self._byte_table = [self.byte_encoder[b] for b in range(256)]
+        self._byte_table[ord(" ")] = " "
+        self._ends_word = np.array([self.decoder[i].endswith(EOW) for i in range(len(vocab))])
+        # Literal special tokens are never split; the separator word (NUL, never inside a chunk) gets _SEP_ID.
+        fixed = {SOT: [self.sot_token], EOT: [self.eot_token], _SEP: [_SEP_ID]}
+        self._words = _WordIds(fixed, cache_size)
+        # The id NUL really has (a text holding NUL is encoded apart from its batch, see _flat_ids).
+        self._nul_token = self.encoder[self.byte_encoder[ord(_SEP)] + EOW]
 
     def __repr__(self) -> str:
         return (
@@ -326,66 +236,72 @@ class Tokenizer:
             f"context_length={self.context_length}, truncate={self.truncate})"
         )
 
-    # --- BPE on cache misses, batched into HF tokenizers' Rust BPE (same merge order as OpenAI's) ---
-    def _bpe_many(self, words: Sequence[str]) -> list[bytes]:
-        tokenize = self._hf.model.tokenize
-        byte_encoder = self.byte_encoder
-        # bytes_to_unicode maps printable ASCII to itself, and words hold no space.
-        tokens = [
-            tokenize(
-                w if w.isascii() and w.isprintable() else "".join(map(byte_encoder.__getitem__, w.encode()))
-            )
-            for w in words
-        ]
-        packed = np.array([t.id for ts in tokens for t in ts], dtype=_ID).tobytes()
-        ends = np.cumsum([len(ts) * _ID.itemsize for ts in tokens]).tolist()
-        return [packed[start:end] for start, end in zip([0, *ends], ends)]
+    # --- cache misses: one pre-tokeniser call per kind of text, one Rust BPE call per distinct word ---
+    def _bpe(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of the words concatenated, number of ids of each word): one call of the Rust BPE, with OpenAI's
+        merge order, on the words byte-encoded and joined by spaces (no byte encodes to whitespace)."""
+        text = " ".join(words)
+        if not (text.isascii() and text.isprintable()):  # printable ASCII encodes to itself
+            text = text.encode().decode("latin-1").translate(self._byte_table)  # all of it in one C call
+        ids = np.array(self._hf_encode([text])[0].ids, dtype=_ID)
+        ends = np.flatnonzero(self._ends_word[ids])  # each word's last token, and only it, ends with "</w>"
+        return ids, np.diff(ends, prepend=-1)
 
-    def _learn(self, chunks: Iterable[str]) -> None:
-        """Fill both caches for every chunk not cached yet, with one BPE call for all new words."""
-        missing = set(chunks).difference(self._chunks)
-        if not missing:
-            return
-        plain, split = [], []  # chunks that are one pre-tokeniser word (ASCII letters), and the others
-        for c in missing:
-            (plain if c.isascii() and c.isalpha() else split).append(c)
-        words_of = [self._pretokenize(c) for c in split]
-        new_words = [*plain, *set(chain.from_iterable(words_of)).difference(self._words).difference(plain)]
-        ids = self._bpe_many(new_words)
-        self._words.add(dict(zip(new_words, ids)))
-        self._chunks.add(dict(zip(plain, ids)))
-        words = self._words  # __getitem__ recomputes a word if add() just reset the cache
-        self._chunks.add({c: b"".join(map(words.__getitem__, ws)) for c, ws in zip(split, words_of)})
+    def _word_ids(self, words: list[str]) -> np.ndarray:
+        """Ids of a sequence of pre-tokenised words; words not seen before are BPE-encoded in one call."""
+        store = self._words
+        new = list(set(words).difference(store.index))
+        if len(store.index) + len(new) > store.max_size:
+            store.clear()
+            new = list(set(words).difference(store.index))
+        if new:
+            store.add(new, *self._bpe(new))
+        return store.gather(words)
 
-    def _pretokenize(self, chunk: str) -> list[str]:
-        # Printable ASCII: the stdlib pattern finds the same words as CLIP's Unicode one, 2-3x faster.
-        if chunk.isascii() and chunk.isprintable():
-            return _ASCII_PATTERN.findall(chunk)
-        return self._pattern.findall(chunk)
+    def _learn(self, missing: Iterable[str]) -> None:
+        """Cache the ids of these new chunks: one pre-tokeniser call per kind of text (ASCII or not) over all
+        of them, one BPE call per kind."""
+        missing = list(missing)
+        ascii_chunks = [c for c in missing if c.isascii()]
+        groups = [(ascii_chunks, _ASCII_PATTERN)]  # every ASCII character splits the same under both patterns
+        if len(ascii_chunks) < len(missing):
+            groups.append(([c for c in missing if not c.isascii()], self._pattern))
+        # Chunks are joined with the separator word; the spaces around it keep it one pre-tokeniser match.
+        for chunks, pattern in groups:
+            ids = self._word_ids(pattern.findall(f" {_SEP} ".join(chunks)))
+            packed, seps = ids.tobytes(), np.flatnonzero(ids == _SEP_ID) * _ID.itemsize
+            starts, ends = [0, *(seps + _ID.itemsize).tolist()], [*seps.tolist(), len(packed)]
+            self._chunks.add({c: packed[s:e] for c, s, e in zip(chunks, starts, ends)})
 
     # --- encoding ---
     def encode(self, text: str) -> list[int]:
         """Ids of one text, without start/end tokens."""
-        words = self._pattern.findall(_fast_clean(text))
-        return np.frombuffer(b"".join(map(self._words.__getitem__, words)), dtype=_ID).tolist()
+        ids = self._word_ids(self._pattern.findall(fast_clean(text)))
+        ids[ids == _SEP_ID] = self._nul_token
+        return ids.tolist()
 
     def _chunk_ids(self, chunk: str) -> bytes:
-        return b"".join(map(self._words.__getitem__, self._pretokenize(chunk)))
+        self._learn([chunk])  # (only after a cache reset in the middle of a batch)
+        return dict.__getitem__(self._chunks, chunk)
 
     def _flat_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """(ids of all texts concatenated, row index of each id, rows that need the per-text path)."""
         # The common case inlined (printable ASCII without '&': only lowercasing matters, see skips_ftfy).
         pieces = [
-            t.lower() if t.isascii() and "&" not in t and t.isprintable() else _fast_clean(t) for t in texts
+            t.lower() if t.isascii() and "&" not in t and t.isprintable() else fast_clean(t) for t in texts
         ]
-        odd = [i for i, p in enumerate(pieces) if _SEP in p]  # a NUL survived cleaning: no batch separator
-        for i in odd:
-            pieces[i] = ""
         # No pre-tokeniser match contains whitespace, so the tokens of a text are the tokens of its
         # space-delimited chunks, and texts are told apart by a separator chunk.
-        chunks = f" {_SEP} ".join(pieces).split(" ")
-        self._learn(chunks)
-        flat = np.frombuffer(b"".join(map(self._chunks.__getitem__, chunks)), dtype=_ID).astype(np.int64)
+        joined, odd = f" {_SEP} ".join(pieces), []
+        if joined.count(_SEP) >= len(pieces):  # a NUL survived cleaning: those texts take the per-text path
+            odd = [i for i, p in enumerate(pieces) if _SEP in p]
+            joined = f" {_SEP} ".join("" if _SEP in p else p for p in pieces)
+        chunks = joined.split(" ")
+        found = list(map(self._chunks.get, chunks))  # one hash and lookup per chunk
+        if None in found:  # new chunks: learn them all at once
+            self._learn(set(compress(chunks, map(operator.is_, found, repeat(None)))))
+            found = list(map(self._chunks.__getitem__, chunks))  # __getitem__ recomputes after a cache reset
+        flat = np.frombuffer(b"".join(found), dtype=_ID).astype(np.int64)
         is_sep = flat == _SEP_ID
         rows = np.cumsum(is_sep)
         keep = ~is_sep
@@ -497,7 +413,7 @@ class Tokenizer:
                     raise TypeError(
                         f"Tokenizer.train expects str texts, got {type(text).__name__}: {text!r:.80}"
                     )
-                yield " ".join(map(byte_words, pattern.findall(_fast_clean(text))))
+                yield " ".join(map(byte_words, pattern.findall(fast_clean(text))))
 
         hf = HFTokenizer(models.BPE(end_of_word_suffix=EOW))
         hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -529,9 +445,11 @@ def _pack(token_id: int) -> bytes:
 
 def _hf_bpe(encoder: dict[str, int], merges: list[tuple[str, str]]):
     from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models
+    from tokenizers import models, pre_tokenizers
 
-    return HFTokenizer(models.BPE(vocab=encoder, merges=merges, end_of_word_suffix=EOW))
+    hf = HFTokenizer(models.BPE(vocab=encoder, merges=merges, end_of_word_suffix=EOW))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # words are byte-encoded and space-joined
+    return hf
 
 
 def _hf_merges(hf) -> list[tuple[str, str]]:

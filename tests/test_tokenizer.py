@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import random
+import re
 import warnings
 
 import pytest
@@ -70,7 +71,14 @@ def script_mix(n: int, seed: int) -> list[str]:
     """ASCII mixed with the scripts the tokenizer's fast path lets skip ftfy (Hebrew with points, Arabic,
     kana, CJK, Hangul, emoji), plus a sprinkling of characters that must send a text down the slow path."""
     rng = random.Random(seed)
-    ranges = [(0x591, 0x5F4), (0x60C, 0x6FF), (0x3041, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0x1F300, 0x1FAFF)]
+    ranges = [
+        (0x591, 0x5F4),
+        (0x60C, 0x6FF),
+        (0x3041, 0x30FF),
+        (0x4E00, 0x9FFF),
+        (0xAC00, 0xD7A3),
+        (0x1F300, 0x1FAFF),
+    ]
     spoilers = ["é", "\u3000", "\u200d", "\ufe0f", "&amp;", "\u05b8\u05bc", "ﬁ", "Ã©", "\u061c", "Ｌ"]
     out = []
     for _ in range(n):
@@ -87,7 +95,9 @@ def script_mix(n: int, seed: int) -> list[str]:
 @pytest.fixture(scope="module")
 def merges_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("bpe") / "bpe.txt.gz"
-    Tokenizer.train(pseudo_captions(3000, seed=0, num_words=3000, max_syllables=3) + EDGE_CASES[:20], VOCAB, path)
+    Tokenizer.train(
+        pseudo_captions(3000, seed=0, num_words=3000, max_syllables=3) + EDGE_CASES[:20], VOCAB, path
+    )
     return path
 
 
@@ -143,7 +153,12 @@ def test_openai_sized_file_gives_49408_ids(tmp_path):
 
 
 def test_ids_equal_reference_on_varied_corpus(tok, ref):
-    texts = EDGE_CASES + pseudo_captions(300, seed=1, num_words=3000, max_syllables=3) + random_unicode(300, seed=2) + script_mix(300, seed=3)
+    texts = (
+        EDGE_CASES
+        + pseudo_captions(300, seed=1, num_words=3000, max_syllables=3)
+        + random_unicode(300, seed=2)
+        + script_mix(300, seed=3)
+    )
     expected = [ref.encode(t) for t in texts]
     assert tok.encode_batch(texts) == expected
     assert [tok.encode(t) for t in texts] == expected
@@ -242,7 +257,20 @@ def mojibake_corpus(n: int, seed: int) -> list[str]:
     from ftfy.badness import MOJIBAKE_CATEGORIES
 
     rng = random.Random(seed)
-    clean = ["café", "naïve", "straße", "Ångström", "“quoted”", "€5", "½", "東京", "привет", "مرحبا", "😀", "x²"]
+    clean = [
+        "café",
+        "naïve",
+        "straße",
+        "Ångström",
+        "“quoted”",
+        "€5",
+        "½",
+        "東京",
+        "привет",
+        "مرحبا",
+        "😀",
+        "x²",
+    ]
     suspicious = "".join(MOJIBAKE_CATEGORIES.values())
     # Short texts first, where one match decides the answer (a window too small shows up there).
     pool = suspicious + "ÃÂØÙ " * 20 + "aZ(). 1"
@@ -254,7 +282,9 @@ def mojibake_corpus(n: int, seed: int) -> list[str]:
             word = rng.choice(clean)
             if r < 0.3:
                 for _ in range(rng.randint(1, 2)):
-                    word = word.encode("utf-8").decode(rng.choice(["cp1252", "latin-1", "mac_roman", "cp1251"]), "replace")
+                    word = word.encode("utf-8").decode(
+                        rng.choice(["cp1252", "latin-1", "mac_roman", "cp1251"]), "replace"
+                    )
             elif r < 0.6:
                 word = "".join(rng.choice(suspicious) for _ in range(rng.randint(1, 4)))
             parts.append(word)
@@ -266,13 +296,15 @@ def mojibake_corpus(n: int, seed: int) -> list[str]:
 def test_windowed_mojibake_check_equals_ftfy():
     from ftfy.badness import is_bad
 
-    from clip_model import tokenizer
+    from clip_model.ftfy_shortcuts import SHORTCUTS, MojibakeTest
 
-    assert tokenizer._MOJIBAKE_ANCHORS is not None, "ftfy's regex no longer passes the proof: fast path off"
+    assert isinstance(SHORTCUTS.is_bad, MojibakeTest), (
+        "ftfy's regex no longer passes the proof: fast path off"
+    )
     texts = mojibake_corpus(4000, seed=0) + random_unicode(2000, seed=3) + EDGE_CASES
     answers = [is_bad(t) for t in texts]
     assert 0.2 < sum(answers) / len(answers) < 0.8  # both answers well represented
-    assert [tokenizer.looks_like_mojibake(t) for t in texts] == answers
+    assert [SHORTCUTS.is_bad(t) for t in texts] == answers
 
 
 @pytest.mark.parametrize(
@@ -292,7 +324,7 @@ def test_windowed_mojibake_check_equals_ftfy():
 def test_mojibake_anchors_proof(pattern, window, anchors):
     import re
 
-    from clip_model.tokenizer import mojibake_anchors
+    from clip_model.ftfy_shortcuts import mojibake_anchors
 
     found = mojibake_anchors(re.compile(pattern))
     if window is None:
@@ -311,7 +343,14 @@ def test_ascii_pretokenizer_equals_clip_pattern():
 
     clip = regex.compile(_PATTERN, regex.IGNORECASE)
     rng = random.Random(5)
-    alphabet = [chr(c) for c in range(0x21, 0x7F)] + ["'s", "'T", "'re", "'LL", "<|startoftext|>", "<|ENDOFTEXT|>"]
+    alphabet = [chr(c) for c in range(0x01, 0x80)] + [
+        "'s",
+        "'T",
+        "'re",
+        "'LL",
+        "<|startoftext|>",
+        "<|ENDOFTEXT|>",
+    ]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(20000)]
     assert [_ASCII_PATTERN.findall(t) for t in texts] == [clip.findall(t) for t in texts]
 
@@ -320,7 +359,8 @@ def test_printable_ascii_shortcut_equals_ftfy():
     """ASCII captions with '&' skip ftfy's full pipeline; every entity mix must still clean like OpenAI's."""
     import regex
 
-    from clip_model.tokenizer import _PATTERN, _fast_clean, _fix_printable_ascii
+    from clip_model.ftfy_shortcuts import SHORTCUTS, fast_clean
+    from clip_model.tokenizer import _PATTERN
 
     rng = random.Random(11)
     pieces = [
@@ -331,8 +371,93 @@ def test_printable_ascii_shortcut_equals_ftfy():
     ]  # fmt: skip
     ascii_out = pieces[:15]  # mostly entities that decode to ASCII
     texts = [
-        "".join(rng.choice(pieces if i % 2 else ascii_out) for _ in range(rng.randint(1, 8))) for i in range(4000)
+        "".join(rng.choice(pieces if i % 2 else ascii_out) for _ in range(rng.randint(1, 8)))
+        for i in range(4000)
     ]
-    assert sum(_fix_printable_ascii(t) is None for t in texts) < len(texts) / 2  # the shortcut does apply
+    assert sum(SHORTCUTS.clean(t) is None for t in texts) < len(texts) / 2  # the shortcut does apply
     words = regex.compile(_PATTERN, regex.IGNORECASE).findall  # the invariant: the same pre-tokenised words
-    assert [words(_fast_clean(t)) for t in texts] == [words(clean_text(t)) for t in texts]
+    assert [words(fast_clean(t)) for t in texts] == [words(clean_text(t)) for t in texts]
+
+
+# --- realistic alt text, and the fallbacks that keep ids exact when ftfy or CPython internals change ---
+@pytest.fixture(scope="module")
+def alt_text():
+    from pipelines.alt_text import alt_text_captions
+
+    texts = alt_text_captions(1500, seed=7)
+    assert sum(not t.isascii() for t in texts) > 150 and sum("&" in t for t in texts) > 30
+    return texts
+
+
+def test_ids_equal_reference_on_realistic_alt_text(tok, ref, alt_text):
+    expected = ref.tokenize(alt_text)
+    assert Tokenizer(tok.merges_path)(alt_text).tolist() == expected  # cold: one batch, empty caches
+    fresh = Tokenizer(tok.merges_path, cache_size=500)  # many small batches, caches reset along the way
+    assert (
+        torch.cat([fresh(alt_text[i : i + 100]) for i in range(0, len(alt_text), 100)]).tolist() == expected
+    )
+    assert fresh(alt_text).tolist() == expected  # warm
+    assert [tok.encode(t) for t in alt_text[:300]] == [ref.encode(t) for t in alt_text[:300]]
+
+
+def _ids_with_shortcuts(monkeypatch, shortcuts, merges_path, texts):
+    from clip_model import ftfy_shortcuts
+
+    monkeypatch.setattr(ftfy_shortcuts, "SHORTCUTS", shortcuts)
+    return Tokenizer(merges_path)(texts).tolist()
+
+
+def test_without_re_parser_mojibake_test_falls_back_to_ftfy(monkeypatch, tok, ref, alt_text):
+    import sys
+
+    from ftfy.badness import BADNESS_RE, is_bad
+
+    from clip_model import ftfy_shortcuts
+
+    monkeypatch.setitem(sys.modules, "re._parser", None)  # CPython without the private module
+    monkeypatch.delattr(re, "_parser")
+    assert ftfy_shortcuts.mojibake_anchors(BADNESS_RE) is None
+    shortcuts = ftfy_shortcuts.load_shortcuts()
+    assert shortcuts.is_bad is is_bad
+    texts = alt_text + mojibake_corpus(300, seed=1) + EDGE_CASES
+    assert _ids_with_shortcuts(monkeypatch, shortcuts, tok.merges_path, texts) == ref.tokenize(texts)
+
+
+def test_without_ftfy_internals_full_ftfy_runs(monkeypatch, tok, ref, alt_text):
+    from ftfy import chardata
+
+    from clip_model import ftfy_shortcuts
+
+    monkeypatch.delattr(chardata, "WIDTH_MAP")  # an ftfy release that moved its tables
+    with pytest.warns(UserWarning, match="shortcuts off.*WIDTH_MAP"):
+        assert ftfy_shortcuts.load_shortcuts() is None
+    texts = alt_text + EDGE_CASES
+    assert _ids_with_shortcuts(monkeypatch, None, tok.merges_path, texts) == ref.tokenize(texts)
+    assert not ftfy_shortcuts.skips_ftfy("café") and ftfy_shortcuts.skips_ftfy("a plain caption")
+
+
+def test_shortcuts_that_disagree_with_ftfy_are_switched_off(monkeypatch):
+    import re
+
+    from clip_model import ftfy_shortcuts
+
+    # A private parser (or an ftfy regex) that changed meaning: anchors that miss most mojibake.
+    monkeypatch.setattr(ftfy_shortcuts, "mojibake_anchors", lambda pattern: (2, re.compile("[é]")))
+    with pytest.warns(UserWarning, match="disagree with ftfy.fix_text"):
+        assert ftfy_shortcuts.load_shortcuts() is None
+    assert ftfy_shortcuts.disagreements(ftfy_shortcuts.SHORTCUTS) == []  # the real ones agree
+
+
+def test_entity_and_quote_shortcuts_equal_ftfy(alt_text):
+    import regex
+
+    from clip_model.ftfy_shortcuts import SHORTCUTS, fast_clean
+    from clip_model.tokenizer import _PATTERN
+
+    quoted = [t for t in alt_text if re.search("[’“”]", t)] + ["it’s “ok” &amp; ‘fine’", "Ã&amp;’", "’&lt;3"]
+    entities = [t for t in alt_text if "&" in t]
+    assert sum(SHORTCUTS.clean(t) is not None for t in quoted) > len(quoted) / 2  # the shortcuts apply
+    assert sum(SHORTCUTS.clean(t) is not None for t in entities) > len(entities) / 2
+    words = regex.compile(_PATTERN, regex.IGNORECASE).findall
+    texts = quoted + entities + mojibake_corpus(500, seed=2) + script_mix(500, seed=4)
+    assert [words(fast_clean(t)) for t in texts] == [words(clean_text(t)) for t in texts]

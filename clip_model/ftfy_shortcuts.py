@@ -1,0 +1,257 @@
+"""OpenAI's caption clean-up (ftfy, HTML unescaping twice, whitespace collapse, lowercasing), with shortcuts
+that skip ftfy where it provably changes none of the text's tokens.
+
+``clean_text`` is the reference behaviour. ``fast_clean`` gives text with the same pre-tokenised words
+(whitespace may differ: no CLIP token holds whitespace), several times faster on real captions:
+- printable ASCII without '&' is returned lowercased (ftfy's fixers only act on HTML entities, control
+  characters and non-ASCII text; public behaviour, no ftfy internals needed);
+- the other shortcuts read ftfy's own tables (``ftfy.chardata``, ``ftfy.badness``, ``ftfy.fixes``, and
+  CPython's private ``re._parser`` to read ftfy's mojibake regex). These are internals: they are loaded in
+  one place (``load_shortcuts``), checked at import against ``ftfy.fix_text`` on probe texts that exercise
+  every shortcut, and switched off (same ids, slower: full ftfy) when anything is missing or disagrees.
+  Tests force each fallback.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ftfy
+
+_MAX_SEGMENT = 1_000_000  # ftfy fixes longer text in segments: no shortcut there
+# Non-printable characters ftfy leaves alone (not in its control-character, width or ligature tables; the
+# is_bad gate covers the rest): whitespace the pre-tokeniser skips, zero-width (non-)joiners of emoji and
+# Indic text. Line breaks only in ASCII text, where ftfy's per-line processing cannot differ.
+_HARMLESS = "\t\x0c\xa0\u200b\u200c\u200d"
+_HARMLESS_ASCII = "\t\n\r\x0c"
+
+
+def clean_text(text: str) -> str:
+    """OpenAI's normalisation: ftfy, HTML unescaping twice, whitespace collapse, lowercasing."""
+    return after_ftfy(ftfy.fix_text(text))
+
+
+def after_ftfy(text: str) -> str:
+    text = html.unescape(html.unescape(text)).strip()
+    return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+# --- reading ftfy's mojibake regex (needs CPython's private re._parser) ---
+def _anchor_ranges(op, av, c) -> list[tuple[int, int]] | None:
+    """The code-point ranges of the character one item of a parsed `re` pattern must consume, when all are
+    non-ASCII; None when the item can match (or skip) without such a character. Raises ValueError for items
+    a windowed search may get wrong (end anchors, word boundaries, groups, lookarounds see past a window)."""
+    if op is c.LITERAL:
+        return [(av, av)] if av >= 128 else None
+    if op is c.NOT_LITERAL or op is c.ANY:
+        return None
+    if op is c.IN:
+        ranges = []
+        for item_op, item_av in av:
+            if item_op is c.LITERAL and item_av >= 128:
+                ranges.append((item_av, item_av))
+            elif item_op is c.RANGE and item_av[0] >= 128:
+                ranges.append(item_av)
+            else:  # an ASCII character, a negation or a category (\s, \w): not an anchor
+                return None
+        return ranges
+    if op is c.AT and av in (c.AT_BEGINNING, c.AT_BEGINNING_STRING):  # search(pos=) keeps the real start
+        return None
+    if op in (c.MAX_REPEAT, c.MIN_REPEAT) and len(av[2]) == 1:
+        lo, _, [(item_op, item_av)] = av
+        inner = _anchor_ranges(item_op, item_av, c)
+        return inner if lo else None
+    raise ValueError(f"no windowed search through {op}")
+
+
+def mojibake_anchors(pattern: re.Pattern) -> tuple[int, re.Pattern] | None:
+    """(longest match, a class of anchor characters) when every match of `pattern` provably holds an anchor
+    (each branch is a run of single-character items, one of which only matches non-ASCII characters; those
+    are its anchors), else None (also when CPython's private `re._parser` is missing or unreadable). A text
+    then matches iff it matches within the longest match of an anchor."""
+    if pattern.flags & re.IGNORECASE:  # case folding maps some non-ASCII letters to ASCII ones
+        return None
+    try:
+        from re import _constants as c
+        from re import _parser
+
+        tree = _parser.parse(pattern.pattern, pattern.flags)
+        data = tree.data
+        branches = data[0][1][1] if len(data) == 1 and data[0][0] is c.BRANCH else [tree]
+        anchors: set[tuple[int, int]] = set()
+        for branch in branches:
+            candidates = [r for op, av in branch if (r := _anchor_ranges(op, av, c)) is not None]
+            if not candidates:  # this branch can match all-ASCII text
+                return None
+            anchors.update(min(candidates, key=lambda ranges: sum(hi - lo + 1 for lo, hi in ranges)))
+        width = tree.getwidth()[1]
+    except Exception:  # private module gone or changed shape: no proof, no shortcut
+        return None
+    if width > 64:
+        return None
+    char_class = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in sorted(anchors))
+    return width, re.compile(f"[{char_class}]")
+
+
+class MojibakeTest:
+    """ftfy's `is_bad(text)`, searched only around the characters every match of its regex holds (found in
+    ftfy's regex by `mojibake_anchors`): the same answer, several times faster on non-ASCII text."""
+
+    def __init__(self, regex: re.Pattern, window: int, anchors: re.Pattern):
+        self.regex, self.reach = regex, window - 1
+        # Runs of anchors whose windows overlap (<= 2 * reach apart): one search per run. A match inside the
+        # union of windows is a match of the text, and every match lies in its anchor's window.
+        anchor, other = anchors.pattern, "[^" + anchors.pattern[1:]
+        self.clusters = re.compile(f"{anchor}(?:{other}{{0,{2 * self.reach}}}{anchor})*")
+
+    def __call__(self, text: str) -> bool:
+        search, reach = self.regex.search, self.reach
+        return any(
+            search(text, max(0, m.start() - reach), m.end() + reach) for m in self.clusters.finditer(text)
+        )
+
+
+@dataclass(frozen=True)
+class Shortcuts:
+    """What the fast clean-up knows about ftfy, read from ftfy's own tables."""
+
+    touched: re.Pattern  # a class of the characters a fixer after the mojibake step may change
+    quotes: dict[int, str]  # uncurl_quotes: curly quote -> ASCII quote (str.translate table)
+    has_quote: re.Pattern  # a class of those quotes
+    is_bad: Callable[[str], bool]  # ftfy's mojibake test, the gate of its encoding fix
+    unescape_html: Callable[[str], str]  # ftfy's HTML entity fixer
+
+    def unchanged(self, text: str) -> bool:
+        """True when ftfy, HTML unescaping and whitespace collapse provably leave the text's tokens unchanged:
+        no '&', printable but for harmless whitespace/joiners, and past ASCII: NFC, no character a later
+        fixer changes, no mojibake by ftfy's own test (the exact gate of its encoding fix)."""
+        if "&" in text or len(text) >= _MAX_SEGMENT:
+            return False
+        return self._inert(text) and (text.isascii() or not self.is_bad(text))
+
+    def clean(self, text: str) -> str | None:
+        """`clean_text(text)` up to whitespace (so the same CLIP tokens), or None where no shortcut applies."""
+        if len(text) >= _MAX_SEGMENT or ("&" in text and "\n" in text):  # ftfy works line by line
+            return None
+        fixed = self._fix_text(text)
+        if fixed is None:
+            return None
+        return after_ftfy(fixed) if "&" in fixed else fixed.lower()  # html.unescape needs a '&'
+
+    def _fix_text(self, text: str) -> str | None:
+        """`ftfy.fix_text(text)` (one segment) when the only fixers that act are HTML unescaping and
+        uncurling quotes, else None. This is ftfy's loop (`fix_and_explain`): each pass unescapes (unless
+        the text holds '<'), fixes mojibake (a no-op unless `is_bad`), runs the per-character fixers (no-ops
+        on `_inert` text but for quotes) and NFC (a no-op on NFC text), until a pass changes nothing."""
+        unescape = "&" in text and "<" not in text
+        while True:
+            fixed = self.unescape_html(text) if unescape else text
+            if not fixed.isascii():
+                if self.is_bad(fixed):  # ftfy's encoding fix would act
+                    return None
+                if self.has_quote.search(fixed):  # (str.translate is slow on non-ASCII text)
+                    fixed = fixed.translate(self.quotes)
+            if not self._inert(fixed):
+                return None
+            if fixed == text:
+                return text
+            text = fixed
+
+    def _inert(self, text: str) -> bool:
+        """No per-character fixer of ftfy acts on the text, and NFC leaves it alone."""
+        if text.isascii():  # ftfy's ASCII control characters are all non-printable
+            return text.isprintable() or text.translate(_DROP_HARMLESS_ASCII).isprintable()
+        return (
+            (text.isprintable() or text.translate(_DROP_HARMLESS).isprintable())
+            and not self.touched.search(text)
+            and unicodedata.is_normalized("NFC", text)
+        )
+
+
+def _char_class(codes) -> re.Pattern:
+    """A compiled class matching exactly the given code points (searching it is much faster than a set)."""
+    return re.compile("[" + "".join(f"\\U{c:08x}" for c in sorted(codes)) + "]")
+
+
+_DROP_HARMLESS = dict.fromkeys(map(ord, _HARMLESS))
+_DROP_HARMLESS_ASCII = dict.fromkeys(map(ord, _HARMLESS_ASCII))
+
+
+def load_shortcuts(verify: bool = True) -> Shortcuts | None:
+    """Shortcuts read from ftfy's internals, or None (with a warning) when they are missing or disagree with
+    `ftfy.fix_text` on the probe texts."""
+    try:
+        from ftfy import chardata
+        from ftfy.badness import BADNESS_RE, is_bad
+        from ftfy.fixes import unescape_html
+
+        single, double = chardata.SINGLE_QUOTE_RE, chardata.DOUBLE_QUOTE_RE
+        quotes = {c: "'" for c in range(0x10000) if single.match(chr(c))}
+        quotes |= {c: '"' for c in range(0x10000) if double.match(chr(c))}
+        tables = set(chardata.LIGATURES) | set(chardata.WIDTH_MAP) | set(chardata.CONTROL_CHARS) | set(quotes)
+        found = mojibake_anchors(BADNESS_RE)
+        bad = is_bad if found is None else MojibakeTest(BADNESS_RE, *found)
+        shortcuts = Shortcuts(_char_class(tables), quotes, _char_class(quotes), bad, unescape_html)
+    except Exception as e:  # an ftfy without these internals: full ftfy on everything but plain ASCII
+        warnings.warn(
+            f"ftfy {ftfy.__version__}: clean-up shortcuts off ({e!r}); same ids, slower", stacklevel=2
+        )
+        return None
+    if verify and (wrong := disagreements(shortcuts)):
+        warnings.warn(
+            f"ftfy {ftfy.__version__}: clean-up shortcuts off, they disagree with ftfy.fix_text on {wrong[:3]!r}; "
+            "same ids, slower",
+            stacklevel=2,
+        )
+        return None
+    return shortcuts
+
+
+# Texts that exercise every shortcut and the mojibake test both ways (checked at import, ~1 ms).
+PROBES = [
+    "a photo of a dog", "Tab\tsep\nline\r\nend", "café naïve Ångström", "Москва фото", "東京の夜景 😀",
+    "👨\u200d👩\u200d👧 family\xa0photo", "it’s “quoted” ‘single’", "cafÃ© â€œquotesâ€\x9d", "Ã tête", "Â ",
+    "ÃƒÂ©", "sÃ³", "ﬁne ＬＯＵＤ", "e\u0301", "&amp; &lt;b&gt; &eacute; &amp;amp;lt;", "AT&T <b>&amp;</b>",
+    "“cafÃ©”", "‘Ã ’", "x\x85y", "\x1b[31mred", "a\x0bb", "тест’s", "€5 ½ ×", "\u2028line", "Ã\xa0la",
+]  # fmt: skip
+
+
+def disagreements(shortcuts: Shortcuts) -> list[str]:
+    """Probe texts on which the shortcuts' clean-up or mojibake test differs from ftfy's."""
+    from ftfy.badness import is_bad
+
+    words = re.compile(r"\S+").findall  # tokens never hold whitespace: compare whitespace-split words
+    wrong = [p for p in PROBES if shortcuts.is_bad(p) != is_bad(p)]
+    for p in PROBES:
+        fixed = shortcuts.clean(p)
+        if fixed is not None and words(fixed) != words(clean_text(p)):
+            wrong.append(p)
+    return wrong
+
+
+SHORTCUTS = load_shortcuts()
+
+
+def fast_clean(text: str) -> str:
+    """`clean_text(text)` up to whitespace (the same CLIP tokens), skipping ftfy where it provably changes
+    nothing."""
+    if text.isascii() and "&" not in text and text.isprintable():
+        return text.lower()
+    if SHORTCUTS is not None and (fixed := SHORTCUTS.clean(text)) is not None:
+        return fixed
+    return clean_text(text)
+
+
+def skips_ftfy(text: str) -> bool:
+    """True when `fast_clean` skips ftfy (and HTML unescaping) for this text."""
+    if text.isascii() and "&" not in text and text.isprintable():
+        return True
+    return SHORTCUTS is not None and SHORTCUTS.unchanged(text)
