@@ -95,7 +95,8 @@ def list_shards(data_uri: str, data_format: str = "webdataset") -> list[str]:
         elif part.endswith(tuple(EXTENSIONS.values())):
             uris.append(part)
         else:
-            uris.extend(u for u in storage.list_files(part, ext) if ".tmp-" not in u.rsplit("/", 1)[-1])
+            names = ((u, u.rsplit("/", 1)[-1]) for u in storage.list_files(part, ext))
+            uris.extend(u for u, n in names if ".tmp-" not in n and not n.startswith(("_", ".")))  # _index
     if not uris:
         raise DatasetError(f"no {ext} shards under {data_uri!r} (data_format={data_format})")
     wrong = [u for u in uris if not u.endswith(ext)]
