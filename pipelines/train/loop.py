@@ -325,9 +325,10 @@ def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
 
 def train_one_epoch(state: TrainState, run: Run, stream: WorkerStream) -> bool:
     """Train on this epoch's stream. True when the epoch's data ran out on some rank; False when the run's
-    step budget ended first (the last checkpoint holds the position)."""
+    step budget (`max_steps`) ended first (the last checkpoint holds the position). In epochs mode only the
+    data ends an epoch."""
     cfg, epoch, window = run.cfg, state.position.epoch, Window()
-    while state.step < run.total_steps:
+    while cfg.max_steps == 0 or state.step < run.total_steps:
         t0 = time.perf_counter()
         batch = stream.next_batch()
         wait = time.perf_counter() - t0
@@ -463,7 +464,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         restore(state, run, checkpoint)
     cfg = run.cfg
-    while state.step < run.total_steps and (cfg.max_steps > 0 or state.position.epoch < cfg.epochs):
+    while state.position.epoch < cfg.epochs if cfg.max_steps == 0 else state.step < run.total_steps:
         stream = open_stream(state, run)
         try:
             if not train_one_epoch(state, run, stream):
