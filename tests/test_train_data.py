@@ -62,18 +62,18 @@ def _part(c: Cursor, n: int) -> dict:
 def test_position_resumes_the_rest_of_the_epoch_exactly(new_world):
     names = [f"{i:05d}" for i in range(13)]
     sizes = {i: 5 + (i * 7) % 11 for i in range(13)}  # uneven shards, one per size 5..15
-    start = Position.start(2, names, world=2)
-    full = _walk([start.cursor(seed=1, rank=r, world=2, width=3) for r in range(2)], sizes)
+    start = Position.start(2, names, world=2, seed=1)
+    full = _walk([start.cursor(rank=r, world=2, width=3) for r in range(2)], sizes)
     assert sorted(x for rows in full for x in rows) == sorted((s, i) for s, n in sizes.items() for i in range(n))
 
-    cursors = [start.cursor(seed=1, rank=r, world=2, width=3) for r in range(2)]
+    cursors = [start.cursor(rank=r, world=2, width=3) for r in range(2)]
     before = _walk(cursors, sizes, steps=20)
     position = start.merge([_part(c, 20) for c in cursors], world=2)
     assert position.trained == 40 and len(position.in_flight) <= 6
     # O(shards + workers): no per-sample record however many rows were read
     assert len(json.dumps({**position.to_dict(), "finished": position.finished.hex()})) < 400
 
-    resumed = [position.cursor(seed=1, rank=r, world=new_world, width=3) for r in range(new_world)]
+    resumed = [position.cursor(rank=r, world=new_world, width=3) for r in range(new_world)]
     after = _walk(resumed, sizes)
     if new_world == 2:  # the same workers: row for row what the uninterrupted run reads
         assert [b + a for b, a in zip(before, after)] == full
@@ -84,10 +84,10 @@ def test_position_resumes_the_rest_of_the_epoch_exactly(new_world):
 def test_epoch_orders_differ_and_are_seeded():
     names = [f"{i:05d}" for i in range(8)]
     sizes = dict.fromkeys(range(8), 4)
-    walk = lambda seed, epoch: _walk([Position.start(epoch, names, 1).cursor(seed, 0, 1, 2)], sizes)[0]  # noqa: E731
+    walk = lambda seed, epoch: _walk([Position.start(epoch, names, 1, seed).cursor(0, 1, 2)], sizes)[0]  # noqa: E731
     assert walk(0, 0) == walk(0, 0) and walk(0, 0) != walk(0, 1) and walk(0, 0) != walk(1, 0)
     with pytest.raises(ValueError, match="another shard list"):
-        Position.start(0, names, 1).check(names[:-1])
+        Position.start(0, names, 1, 0).check(names[:-1])
 
 
 # ---------------------------------------------------------------- the decode stage and the stream
@@ -116,7 +116,7 @@ def test_decode_stage_gives_uint8_and_flags_bad_rows(merges):
 
 def _stream(uris, position, rank, world, merges, batch=4):
     cfg = ingest.DecodeSettings(SIZE, merges, decode_on="worker", decode_batch_size=6, decode_ahead=2)
-    cursor = position.cursor(0, rank, world, width=2)
+    cursor = position.cursor(rank, world, width=2)
     return ingest.WorkerStream(cursor, ingest.ShardLoader(uris, 0, position.epoch), ingest.Decoder(cfg), batch)
 
 
@@ -126,7 +126,7 @@ def test_stream_resumes_without_decoding_what_was_read(merges, tmp_path):
     write_dataset(samples, str(tmp_path), 10, formats=("webdataset",))
     uris = datasets.list_shards(str(tmp_path))
     names = [u.rsplit("/", 1)[1] for u in uris]
-    start = Position.start(0, names, world=1)
+    start = Position.start(0, names, world=1, seed=0)
 
     full = _stream(uris, start, 0, 1, merges)
     batches = [b for b in full]

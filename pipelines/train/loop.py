@@ -190,7 +190,7 @@ def build_state(run: Run) -> TrainState:
     _, scaler = amp_settings(cfg.precision, run.device)
     return TrainState(
         clip, model, optimizer, build_scheduler(optimizer, cfg.warmup_steps, run.total_steps), scaler,
-        Position.start(0, run.shard_names, run.world),
+        Position.start(0, run.shard_names, run.world, run.cfg.seed),
     )  # fmt: skip
 
 
@@ -214,7 +214,7 @@ def restore(state: TrainState, run: Run, checkpoint: ray.train.Checkpoint) -> No
 def open_stream(state: TrainState, run: Run) -> WorkerStream:
     cfg = run.cfg
     state.segment_start = state.position
-    cursor = state.position.cursor(cfg.seed, run.rank, run.world, cfg.shards_in_flight)
+    cursor = state.position.cursor(run.rank, run.world, cfg.shards_in_flight)
     loader = ShardLoader(run.shard_uris, cfg.seed, state.position.epoch)
     return WorkerStream(cursor, loader, Decoder(run.decode), cfg.batch_size)
 
@@ -387,7 +387,7 @@ def finish_epoch(state: TrainState, run: Run, stream: WorkerStream) -> None:
         state.metrics.append(
             {"step": state.step, "epoch": done.epoch, "zero_shot_top1": metrics["zero_shot_top1"]}
         )
-    state.position = Position.start(done.epoch + 1, run.shard_names, run.world)
+    state.position = Position.start(done.epoch + 1, run.shard_names, run.world, run.cfg.seed)
     save_checkpoint(state, run, metrics, part=None)
 
 

@@ -24,6 +24,7 @@ Restarts:
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -114,10 +115,13 @@ class Cursor:
 class Position:
     """The place reached in the data, as stored in a checkpoint.
 
-    `finished` is a bitset over the shard list; `in_flight` lists (owner rank, shard, offset) in slot
-    order; `draws` is each worker's draw count. `trained`/`bad` count the epoch's rows so far."""
+    `finished` is a bitset over the shard list in the epoch's shard order, zlib-compressed (shards finish
+    roughly in that order, so it is mostly a run of ones: tens of bytes for thousands of shards);
+    `in_flight` lists (owner rank, shard, offset) in slot order; `draws` is each worker's draw count.
+    `trained`/`bad` count the epoch's rows so far."""
 
     epoch: int = 0
+    seed: int = 0
     num_shards: int = 0
     digest: str = ""
     world: int = 0
@@ -128,13 +132,21 @@ class Position:
     bad: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, epoch: int, names: Sequence[str], world: int) -> Position:
-        return cls(epoch, len(names), shards_digest(names), world, np.packbits(np.zeros(len(names), bool)).tobytes(),
-                   [], [0] * world)  # fmt: skip
+    def start(cls, epoch: int, names: Sequence[str], world: int, seed: int) -> Position:
+        position = cls(epoch, seed, len(names), shards_digest(names), world, b"", [], [0] * world)
+        position.finished = position._encode(np.zeros(len(names), bool))
+        return position
+
+    def _encode(self, mask: np.ndarray) -> bytes:
+        order = epoch_order(self.num_shards, self.seed, self.epoch)
+        return zlib.compress(np.packbits(mask[order]).tobytes(), 9)
 
     def finished_mask(self) -> np.ndarray:
-        bits = np.unpackbits(np.frombuffer(self.finished, np.uint8), count=self.num_shards)
-        return bits.astype(bool)
+        """Finished shards as a boolean mask over the shard list (index order)."""
+        bits = np.unpackbits(np.frombuffer(zlib.decompress(self.finished), np.uint8), count=self.num_shards)
+        mask = np.zeros(self.num_shards, bool)
+        mask[epoch_order(self.num_shards, self.seed, self.epoch)] = bits.astype(bool)
+        return mask
 
     def check(self, names: Sequence[str]) -> None:
         if (self.num_shards, self.digest) != (len(names), shards_digest(names)):
@@ -144,9 +156,9 @@ class Position:
                 "resume on the same data, or start a new run"
             )
 
-    def cursor(self, seed: int, rank: int, world: int, width: int) -> Cursor:
+    def cursor(self, rank: int, world: int, width: int) -> Cursor:
         """Worker `rank`'s cursor for the rest of this epoch (see the module docstring for restarts)."""
-        order = epoch_order(self.num_shards, seed, self.epoch)
+        seed, order = self.seed, epoch_order(self.num_shards, self.seed, self.epoch)
         finished = self.finished_mask()
         flying = {shard for _, shard, _ in self.in_flight}
         if world == self.world:
@@ -171,8 +183,9 @@ class Position:
             (p["rank"], s, off) for p in sorted(parts, key=lambda p: p["rank"]) for s, off in p["slots"]
         ]
         draws = [p["draws"] for p in sorted(parts, key=lambda p: p["rank"])]
-        return Position(self.epoch, self.num_shards, self.digest, world, np.packbits(finished).tobytes(),
-                        in_flight, draws, self.trained + sum(p["trained"] for p in parts), bad)  # fmt: skip
+        trained = self.trained + sum(p["trained"] for p in parts)
+        return Position(self.epoch, self.seed, self.num_shards, self.digest, world, self._encode(finished),
+                        in_flight, draws, trained, bad)  # fmt: skip
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
