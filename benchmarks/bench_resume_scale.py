@@ -35,7 +35,10 @@ def measure(samples: int, per_shard: int, workers: int, batch: int, width: int =
         for _ in range(per_worker):
             c.next(size_of)
     walk_s = time.perf_counter() - t0
-    parts = [{"rank": c.rank, "finished": c.finished, **c.state(), "trained": per_worker, "bad": {}} for c in cursors]
+    parts = [
+        {"rank": c.rank, "finished": c.finished, **c.state(), "trained": per_worker, "bad": {}}
+        for c in cursors
+    ]
     position = start.merge(parts, workers)
     stored = pickle.dumps(position.to_dict(), protocol=pickle.HIGHEST_PROTOCOL)  # what torch.save writes
 

@@ -113,7 +113,14 @@ def main() -> None:
             f"{r['bytes/sample uint8']:>11,.0f} {r['jpeg bytes/sample']:>7,.0f}"
             f"   ({r['samples/s'] / ref:.3f}x {results[0]['model']})"
         )
-    print(json.dumps({r["model"]: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in results}))
+    print(
+        json.dumps(
+            {
+                r["model"]: {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                for r in results
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,9 +38,15 @@ def peak_flops(name: str) -> float | None:
 
 def _batch(config, batch: int, device, seed: int):
     g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (batch, config.image_resolution, config.image_resolution, 3), generator=g, dtype=torch.uint8)
+    images = torch.randint(
+        0, 256, (batch, config.image_resolution, config.image_resolution, 3), generator=g, dtype=torch.uint8
+    )
     tokens = torch.randint(1, config.vocab_size - 2, (batch, config.context_length), generator=g)
-    tokens[:, 0], tokens[:, 20], tokens[:, 21:] = config.vocab_size - 2, config.vocab_size - 1, 0  # SOT .. EOT
+    tokens[:, 0], tokens[:, 20], tokens[:, 21:] = (
+        config.vocab_size - 2,
+        config.vocab_size - 1,
+        0,
+    )  # SOT .. EOT
     from pipelines.train.ingest import normalize
 
     return normalize(images.to(device)), tokens.to(device)
@@ -64,7 +70,9 @@ def _build(model_name: str, device, precision: str):
 
     torch.manual_seed(0)
     clip = create_model(model_name, **_overrides(model_name)).to(device)
-    model = DistributedDataParallel(FeatureModel(clip), device_ids=[device.index] if device.type == "cuda" else None)
+    model = DistributedDataParallel(
+        FeatureModel(clip), device_ids=[device.index] if device.type == "cuda" else None
+    )
     optimizer = build_optimizer(clip, 1e-4, 0.2, (0.9, 0.98), 1e-6)
     autocast, scaler = amp_settings(precision, device)
     return clip, model, optimizer, autocast, scaler
@@ -99,7 +107,10 @@ def check(rank: int, world: int, model_name: str, precision: str, batch: int, st
         torch.cuda.reset_peak_memory_stats(device)
     losses = _steps(parts, images, tokens, steps)
     saved = io.BytesIO()
-    torch.save({"model": clip.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}, saved)
+    torch.save(
+        {"model": clip.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()},
+        saved,
+    )
     if cuda:
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -142,11 +153,15 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
 def verify(results: dict, tolerance: float) -> None:
     for precision, r in results.items():
         losses = r["losses"]
-        assert all(map(lambda v: v == v and abs(v) != float("inf"), losses)), f"{precision}: non-finite {losses}"
+        assert all(map(lambda v: v == v and abs(v) != float("inf"), losses)), (
+            f"{precision}: non-finite {losses}"
+        )
         assert losses[-1] < losses[0] - 0.1, f"{precision}: loss did not fall: {losses}"
         half = len(losses) // 2
         for a, b in zip(r["resumed"], losses[half:]):
-            assert abs(a - b) <= tolerance * max(1.0, abs(b)), f"{precision}: resume differs {r['resumed']} vs {losses[half:]}"
+            assert abs(a - b) <= tolerance * max(1.0, abs(b)), (
+                f"{precision}: resume differs {r['resumed']} vs {losses[half:]}"
+            )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -179,8 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     flops = summarize(args.model, **_overrides(args.model)).gflops * 1e9 * 3  # forward + backward per sample
     peak = peak_flops(results["bf16"]["device"]) if cuda else None
-    print(f"\n{args.model} on {world} x {results['bf16']['device']}, batch {args.batch}/rank, {time.perf_counter() - started:.0f} s")
-    print(f"| {'precision':<9} | {'loss first -> last':>20} | {'samples/s':>10} | {'MFU':>6} | {'peak GiB':>8} |")
+    print(
+        f"\n{args.model} on {world} x {results['bf16']['device']}, batch {args.batch}/rank, {time.perf_counter() - started:.0f} s"
+    )
+    print(
+        f"| {'precision':<9} | {'loss first -> last':>20} | {'samples/s':>10} | {'MFU':>6} | {'peak GiB':>8} |"
+    )
     summary = {"model": args.model, "world": world, "device": results["bf16"]["device"]}
     for precision, r in results.items():
         mfu = r["samples_per_s"] * flops / (peak * world) if peak else None

@@ -64,7 +64,9 @@ def test_position_resumes_the_rest_of_the_epoch_exactly(new_world):
     sizes = {i: 5 + (i * 7) % 11 for i in range(13)}  # uneven shards, one per size 5..15
     start = Position.start(2, names, world=2, seed=1)
     full = _walk([start.cursor(rank=r, world=2, width=3) for r in range(2)], sizes)
-    assert sorted(x for rows in full for x in rows) == sorted((s, i) for s, n in sizes.items() for i in range(n))
+    assert sorted(x for rows in full for x in rows) == sorted(
+        (s, i) for s, n in sizes.items() for i in range(n)
+    )
 
     cursors = [start.cursor(rank=r, world=2, width=3) for r in range(2)]
     before = _walk(cursors, sizes, steps=20)
@@ -117,7 +119,9 @@ def test_decode_stage_gives_uint8_and_flags_bad_rows(merges):
 def _stream(uris, position, rank, world, merges, batch=4):
     cfg = ingest.DecodeSettings(SIZE, merges, decode_on="worker", decode_batch_size=6, decode_ahead=2)
     cursor = position.cursor(rank, world, width=2)
-    return ingest.WorkerStream(cursor, ingest.ShardLoader(uris, 0, position.epoch), ingest.Decoder(cfg), batch)
+    return ingest.WorkerStream(
+        cursor, ingest.ShardLoader(uris, 0, position.epoch), ingest.Decoder(cfg), batch
+    )
 
 
 def test_stream_resumes_without_decoding_what_was_read(merges, tmp_path):
@@ -164,11 +168,25 @@ def img2dataset_layout(folder, samples, per_shard: int) -> list[str]:
                        "error_message": None, "width": SIZE, "height": SIZE, "original_width": SIZE,
                        "original_height": SIZE, "exif": "{}", "sha256": "0" * 64, "label": s["json"].get("label")}  # fmt: skip
                 meta.append(row)
-                for ext, data in (("jpg", s["jpg"]), ("txt", s["txt"].encode()), ("json", json.dumps(row).encode())):
+                for ext, data in (
+                    ("jpg", s["jpg"]),
+                    ("txt", s["txt"].encode()),
+                    ("json", json.dumps(row).encode()),
+                ):
                     info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size, info.mtime, info.uname, info.gname = len(data), time.time(), "bigdata", "bigdata"
+                    info.size, info.mtime, info.uname, info.gname = (
+                        len(data),
+                        time.time(),
+                        "bigdata",
+                        "bigdata",
+                    )
                     tar.addfile(info, io.BytesIO(data))
-        failed = {**meta[0], "key": f"{shard:05d}9999", "status": "failed_to_download", "error_message": "HTTP Error 404"}
+        failed = {
+            **meta[0],
+            "key": f"{shard:05d}9999",
+            "status": "failed_to_download",
+            "error_message": "HTTP Error 404",
+        }
         (folder / f"{shard:05d}.tar").write_bytes(buf.getvalue())
         pq.write_table(pa.Table.from_pylist(meta + [failed]), folder / f"{shard:05d}.parquet")
         stats = {"count": len(part) + 1, "successes": len(part), "failed_to_download": 1, "failed_to_resize": 0,
@@ -196,8 +214,15 @@ def test_img2dataset_layout_brace_lists_and_index_resolve_for_training_and_evalu
 
     brace = str(img2) + "/{00000..00001}.tar"
     assert [s.name for s in datasets.resolve(brace)] == ["00000", "00001"]
-    assert datasets.expand_braces("s3://b/{00008..00010}.tar") == [f"s3://b/000{i:02d}.tar" for i in (8, 9, 10)]
-    assert datasets.expand_braces("a/{x,y}-{0..1}.tar") == ["a/x-0.tar", "a/x-1.tar", "a/y-0.tar", "a/y-1.tar"]
+    assert datasets.expand_braces("s3://b/{00008..00010}.tar") == [
+        f"s3://b/000{i:02d}.tar" for i in (8, 9, 10)
+    ]
+    assert datasets.expand_braces("a/{x,y}-{0..1}.tar") == [
+        "a/x-0.tar",
+        "a/x-1.tar",
+        "a/y-0.tar",
+        "a/y-1.tar",
+    ]
     rows = datasets.read_rows(str(img2 / "00001.tar"))
     assert rows["key"] == [f"00001{i:04d}" for i in range(4)] and rows["txt"][0] == samples[4]["txt"]
 
@@ -213,4 +238,7 @@ def test_img2dataset_layout_brace_lists_and_index_resolve_for_training_and_evalu
     index = {"shard": ["00000", "00001"], "num_samples": [5, 7], "tar_bytes": [1, 1], "parquet_bytes": [1, 0]}
     pq.write_table(pa.table(index), ours / datasets.INDEX_FILE)
     assert [s.num_samples for s in datasets.resolve(str(ours))] == [5, 7]  # the index wins
-    assert [s.num_samples for s in datasets.resolve(str(ours), "parquet")] == [5, 5]  # 00001 not in index as parquet
+    assert [s.num_samples for s in datasets.resolve(str(ours), "parquet")] == [
+        5,
+        5,
+    ]  # 00001 not in index as parquet

@@ -9,6 +9,7 @@ import dataclasses
 import gzip
 import io
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,9 @@ def test_run_learns_and_zero_shot_is_far_above_chance(trained_run, merges):
         model = trained_run[name]
         with torch.no_grad():
             weights = build_zero_shot_classifier(model, tok, COLOURS, PROMPTS)
-            accuracy[name] = (predict(model.encode_image(images), weights)[:, 0] == labels).float().mean().item()
+            accuracy[name] = (
+                (predict(model.encode_image(images), weights)[:, 0] == labels).float().mean().item()
+            )
     print(f"losses {losses[0]:.3f} -> {final:.3f}, zero-shot accuracy {accuracy}")
     assert accuracy["fp16"] >= 0.5, f"zero-shot accuracy {accuracy} (chance {1 / len(COLOURS):.3f})"
     # The trainer's own check (same images from class folders, same prompts) ran once per epoch; its last
@@ -185,12 +188,22 @@ def test_checkpoint_tokenizer_is_gzipped_whatever_the_merges_file(merges, tmp_pa
 def test_bf16_on_s3_data_and_checkpoints_resumes_from_there(ray_local, s3_server, merges, tmp_path):
     path, tok = merges
     bucket = s3_server.make_bucket("train-runs")
-    write_dataset(list(synthetic_shard_samples(40, seed=3, size=SIZE, concepts=CONCEPTS)), f"{bucket}/data", 20)
+    write_dataset(
+        list(synthetic_shard_samples(40, seed=3, size=SIZE, concepts=CONCEPTS)), f"{bucket}/data", 20
+    )
     storage.write_bytes_atomic(f"{bucket}/merges.txt.gz", Path(path).read_bytes())  # each worker copies it
     cfg = TrainConfig(
-        model="tiny-rn", model_overrides={"vocab_size": tok.vocab_size, "image_resolution": SIZE},
-        tokenizer_merges=f"{bucket}/merges.txt.gz", data_uri=f"{bucket}/data", batch_size=8, max_steps=2,
-        checkpoint_every=1, warmup_steps=1, name="first", log_every=1, precision="bf16",
+        model="tiny-rn",
+        model_overrides={"vocab_size": tok.vocab_size, "image_resolution": SIZE},
+        tokenizer_merges=f"{bucket}/merges.txt.gz",
+        data_uri=f"{bucket}/data",
+        batch_size=8,
+        max_steps=2,
+        checkpoint_every=1,
+        warmup_steps=1,
+        name="first",
+        log_every=1,
+        precision="bf16",
     )  # fmt: skip  (no storage_path: derived from the data's bucket)
     result = train(cfg)
     assert result.error is None, result.error
@@ -209,6 +222,29 @@ def test_bf16_on_s3_data_and_checkpoints_resumes_from_there(ray_local, s3_server
     resumed = train(dataclasses.replace(cfg, name="second", resume_from=checkpoint, max_steps=3))
     assert resumed.error is None, resumed.error
     assert resumed.metrics["step"] == 3  # continued from step 2, not from 0
+
+
+def test_fsdp_writes_sharded_checkpoints_exports_fp16_and_resumes(ray_local, merges, tmp_path):
+    path, tok = merges
+    write_dataset(
+        list(synthetic_shard_samples(48, seed=6, size=SIZE, concepts=CONCEPTS)), str(tmp_path / "data"), 12
+    )
+    cfg = TrainConfig(
+        model="tiny-vit", model_overrides={"vocab_size": tok.vocab_size, "image_resolution": SIZE},
+        tokenizer_merges=path, data_uri=str(tmp_path / "data"), batch_size=4, max_steps=2, checkpoint_every=2,
+        warmup_steps=1, storage_path=str(tmp_path / "runs"), name="fsdp", log_every=1, fsdp=True,
+    )  # fmt: skip
+    result = train(cfg)
+    assert result.error is None, result.error
+    checkpoint = Path(result.checkpoint.path)
+    # each rank wrote its own shard of weights and Adam state
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(checkpoint / "sharded_state"))
+    fp16 = torch.load(checkpoint / "openai_fp16.pt")  # the full model, gathered on rank 0
+    assert fp16["visual.conv1.weight"].dtype == torch.float16 and "logit_scale" in fp16
+    assert clip_model.load(fp16).config == create_model(cfg.model, **cfg.model_overrides).config
+    resumed = train(dataclasses.replace(cfg, name="fsdp_resumed", resume_from=str(checkpoint), max_steps=3))
+    assert resumed.error is None, resumed.error
+    assert resumed.metrics["step"] == 3 and math.isfinite(resumed.metrics["loss"])
 
 
 def test_tokenizer_of_another_vocabulary_is_refused_before_training(merges, tmp_path):
@@ -231,7 +267,10 @@ def test_paths_and_storage_as_the_workers_see_them(tmp_path, monkeypatch):
                         zero_shot_templates="prompts.txt")  # fmt: skip
     cfg = worker_paths(given, single_node=True)
     assert (cfg.tokenizer_merges, cfg.data_uri) == (str(tmp_path / "m.txt.gz"), "s3://b/shards")
-    assert (cfg.zero_shot_data, cfg.zero_shot_templates) == (str(tmp_path / "held"), str(tmp_path / "prompts.txt"))
+    assert (cfg.zero_shot_data, cfg.zero_shot_templates) == (
+        str(tmp_path / "held"),
+        str(tmp_path / "prompts.txt"),
+    )
     assert worker_paths(TrainConfig(zero_shot_templates="default"), True).zero_shot_templates == "default"
     # Several nodes: no driver path is rewritten (relative ones resolve in the shipped working dir).
     assert worker_paths(given, single_node=False) == given

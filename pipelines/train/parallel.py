@@ -49,13 +49,19 @@ def reduce_replicated_grads(clip: nn.Module) -> None:
         grad /= dist.get_world_size()
 
 
+def _uncompiled(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile's wrapper would prefix every key
+
+
 def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str) -> None:
     """Every rank writes its shards of weights and optimizer state (plus rank 0 the metadata)."""
+    model = _uncompiled(model)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.save(state, checkpoint_id=folder)
 
 
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str) -> None:
+    model = _uncompiled(model)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=folder)
     set_model_state_dict(model, state["model"])
@@ -64,5 +70,7 @@ def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The CLIP's full weights on rank 0's CPU (empty elsewhere); a collective every rank must call."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(
+        _uncompiled(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     return {k.removeprefix("clip."): v for k, v in full.items()}
