@@ -6,10 +6,14 @@ evaluation alike."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import math
+import os
 import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import clip_model
 from clip_model import Tokenizer
 from clip_model.transform import OPENAI_MEAN, OPENAI_STD
 from pipelines import datasets
@@ -24,8 +29,10 @@ from pipelines.evaluation.data import open_eval_set
 from pipelines.shards import write_dataset
 from pipelines.synthetic import generate, synthetic_shard_samples
 from pipelines.train import ingest
+from pipelines.train.config import TrainConfig
 from pipelines.train.ingest import CORRUPT_IMAGE, MISSING_CAPTION, OK, DecodeBatch, normalize
 from pipelines.train.position import Cursor, Position
+from pipelines.train.trainer import train
 
 SIZE = 32
 
@@ -242,3 +249,26 @@ def test_img2dataset_layout_brace_lists_and_index_resolve_for_training_and_evalu
         5,
         5,
     ]  # 00001 not in index as parquet
+
+
+def test_trains_with_fsdp_on_img2dataset_shards_given_as_a_brace_list(ray_local, merges, tmp_path):
+    """img2dataset's output, named by a brace list, trained with FSDP2: each rank writes its shard of the
+    checkpoint, rank 0 the full FP16 export, and a new run resumes from it."""
+    img2dataset_layout(tmp_path / "img2", list(synthetic_shard_samples(48, seed=6, size=SIZE)), per_shard=12)
+    cfg = TrainConfig(
+        model="tiny-vit", model_overrides={"vocab_size": 600, "image_resolution": SIZE}, tokenizer_merges=merges,
+        data_uri=str(tmp_path / "img2") + "/{00000..00003}.tar", batch_size=4, max_steps=2, checkpoint_every=2,
+        warmup_steps=1, storage_path=str(tmp_path / "runs"), name="fsdp", log_every=1, fsdp=True,
+    )  # fmt: skip
+    result = train(cfg)
+    assert result.error is None, result.error
+    checkpoint = Path(result.checkpoint.path)
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(checkpoint / "sharded_state"))
+    fp16 = torch.load(checkpoint / "openai_fp16.pt")  # the full model, gathered on rank 0
+    assert fp16["visual.conv1.weight"].dtype == torch.float16 and "logit_scale" in fp16
+    assert clip_model.load(fp16).config == cfg.model_config()
+    state = torch.load(checkpoint / "state.pt", weights_only=False)
+    assert state["position"]["trained"] == 2 * 4 * 2 and state["position"]["num_shards"] == 4
+    resumed = train(dataclasses.replace(cfg, name="fsdp_resumed", resume_from=str(checkpoint), max_steps=3))
+    assert resumed.error is None, resumed.error
+    assert resumed.metrics["step"] == 3 and math.isfinite(resumed.metrics["loss"])
