@@ -123,6 +123,18 @@ def test_decode_stage_gives_uint8_and_flags_bad_rows(merges):
     assert x.shape == (1, 3, SIZE, SIZE) and torch.allclose(x[0], ref)
 
 
+NODE = "ab" * 28  # a node id's form (hex)
+
+
+def test_decode_tasks_ask_for_cpu_or_the_gpu_nodes_ingest_resource(merges):
+    cpu = ingest.task_options(ingest.DecodeSettings(SIZE, merges, decode_cpus=0.5), NODE)
+    assert cpu == {"max_retries": 3, "num_cpus": 0.5}
+    gpu_nodes = ingest.task_options(ingest.DecodeSettings(SIZE, merges, decode_resource="ingest_cpu", decode_cpus=1), NODE)  # fmt: skip
+    assert gpu_nodes["num_cpus"] == 0 and gpu_nodes["resources"] == {"ingest_cpu": 1}
+    strategy = gpu_nodes["scheduling_strategy"]
+    assert (strategy.node_id, strategy.soft) == (NODE, True)  # next to the worker, spills if it must
+
+
 def _stream(uris, position, rank, world, merges, batch=4):
     cfg = ingest.DecodeSettings(SIZE, merges, decode_on="worker", decode_batch_size=6, decode_ahead=2)
     cursor = position.cursor(rank, world, width=2)

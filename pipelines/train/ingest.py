@@ -161,6 +161,21 @@ class DecodeSettings:
         return (self.image_size, self.merges_path, self.context_length, self.seed)
 
 
+def task_options(settings: DecodeSettings, node_id: str) -> dict:
+    """Ray options of a decode task. "CPU": any node's CPUs. Any other resource (e.g. `ingest_cpu`, the GPU
+    nodes' own cores): no plain CPU asked, and a soft preference for the training worker's node `node_id`
+    (its batches then never cross the network; another node with the resource takes over if needed)."""
+    options: dict = {"max_retries": 3}
+    if settings.decode_resource == "CPU":
+        options["num_cpus"] = settings.decode_cpus
+        return options
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options.update(num_cpus=0, resources={settings.decode_resource: settings.decode_cpus})
+    options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+    return options
+
+
 class Decoder:
     """Submits decode batches (Ray tasks or local threads) and returns their results in submission order."""
 
@@ -169,15 +184,7 @@ class Decoder:
         if settings.decode_on == "tasks":
             import ray
 
-            options: dict = {"max_retries": 3}
-            if settings.decode_resource == "CPU":
-                options["num_cpus"] = settings.decode_cpus
-            else:  # e.g. ingest_cpu: the GPU nodes' cores; prefer this worker's own node
-                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-                options.update(num_cpus=0, resources={settings.decode_resource: settings.decode_cpus})
-                node = ray.get_runtime_context().get_node_id()
-                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+            options = task_options(settings, ray.get_runtime_context().get_node_id())
             self._task = ray.remote(decode_batch).options(**options)
             self._get = ray.get
         elif settings.decode_on == "worker":
