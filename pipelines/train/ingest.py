@@ -219,6 +219,7 @@ class WorkerStream:
         self._in_flight: deque = deque()
         self._fifo: deque[list] = deque()  # [decoded chunk, first row not yet handed out]
         self._ended = False
+        self._uncommitted: tuple[int, Counter] = (0, Counter())
 
     def _submit(self) -> bool:
         rows: dict[str, list] = {"key": [], "jpg": [], "txt": []}
@@ -247,7 +248,8 @@ class WorkerStream:
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The next `batch_size` good rows (uint8 images, int32 tokens), or None when the epoch's rows of
-        this worker cannot fill one more batch (those rows are left unread by the position)."""
+        this worker cannot fill one more batch (those rows are left unread by the position). Call
+        `commit()` once the batch is trained on."""
         images, tokens, passed, bad, need = [], [], 0, Counter(), self.batch_size
         fifo = list(self._fifo)
         while need:
@@ -273,14 +275,22 @@ class WorkerStream:
             else:
                 fifo[0][1] = end
         self._fifo = deque(fifo)
+        self._uncommitted = (passed, bad)
+        return np.concatenate(images), np.concatenate(tokens)
+
+    def commit(self) -> None:
+        """The last batch is being trained on (every rank had one): advance the committed position over
+        its rows and the bad rows before them. A batch never committed (another rank ran out) is not."""
+        passed, bad = self._uncommitted
+        self._uncommitted = (0, Counter())
         for _ in range(passed):
             self.committed.next(self.loader.sizes.__getitem__)
         self.trained += self.batch_size
         self.bad.update({k: v for k, v in bad.items() if v})
-        return np.concatenate(images), np.concatenate(tokens)
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         while (batch := self.next_batch()) is not None:
+            self.commit()
             yield batch
 
     def part(self) -> dict:

@@ -334,6 +334,7 @@ def train_one_epoch(state: TrainState, run: Run, stream: WorkerStream) -> bool:
         wait = time.perf_counter() - t0
         if not _all_ranks(batch is not None):
             return True
+        stream.commit()
         images, tokens = _to_device(batch, run.device)
         loss, finite = train_step(state, run, images, tokens)
         window.loss = window.loss + (loss.float() if finite else 0.0)
