@@ -39,7 +39,10 @@ def bench(name: str, root: str, merges: str, vocab: int, steps: int, batch: int)
     data = os.path.join(root, f"shards_{size}")
     if not os.path.exists(data):
         write_dataset(
-            synthetic_shard_samples(batch * 2 * (steps + 2), seed=0, size=size), data, 64, ("webdataset",)
+            synthetic_shard_samples(batch * 2 * (steps + 2), seed=0, size=size),
+            data,
+            batch * 2,
+            ("webdataset",),
         )
     cfg = TrainConfig(
         model=name,

@@ -32,7 +32,7 @@ from pipelines.train import ingest
 from pipelines.train.config import TrainConfig
 from pipelines.train.ingest import CORRUPT_IMAGE, MISSING_CAPTION, OK, DecodeBatch, normalize
 from pipelines.train.position import Cursor, Position
-from pipelines.train.trainer import train
+from pipelines.train.trainer import build_trainer, train
 
 SIZE = 32
 
@@ -288,3 +288,13 @@ def test_trains_with_fsdp_on_img2dataset_shards_given_as_a_brace_list(ray_local,
     resumed = train(dataclasses.replace(cfg, name="fsdp_resumed", resume_from=str(checkpoint), max_steps=3))
     assert resumed.error is None, resumed.error
     assert resumed.metrics["step"] == 3 and math.isfinite(resumed.metrics["loss"])
+
+
+def test_fewer_shards_than_workers_is_refused_before_training(merges, tmp_path):
+    write_dataset(
+        list(synthetic_shard_samples(6, seed=1, size=SIZE)), str(tmp_path), 6, formats=("webdataset",)
+    )
+    cfg = TrainConfig(model="tiny-vit", model_overrides={"vocab_size": 600, "image_resolution": SIZE},
+                      tokenizer_merges=merges, data_uri=str(tmp_path), storage_path=str(tmp_path / "runs"))  # fmt: skip
+    with pytest.raises(ValueError, match="1 shard.* for 2 workers: each worker reads whole shards"):
+        build_trainer(cfg)

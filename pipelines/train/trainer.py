@@ -20,6 +20,11 @@ from pipelines.train.loop import MODEL_CONFIG_FILE, check_resumable, train_loop_
 def resolve_shards(cfg: TrainConfig) -> list[datasets.Shard]:
     """The run's shards with their sample counts (index, img2dataset stats, manifests, or counted)."""
     found = datasets.resolve(cfg.data_uri, cfg.data_format)
+    if len(found) < cfg.num_workers:
+        raise ValueError(
+            f"{len(found)} shard(s) in {cfg.data_uri!r} for {cfg.num_workers} workers: each worker reads whole "
+            "shards, so there must be at least one per worker (write more, smaller shards)"
+        )
     if sum(s.num_samples for s in found) == 0:
         raise ValueError(f"the {len(found)} {cfg.data_format} shard(s) of {cfg.data_uri!r} hold no samples")
     return found
