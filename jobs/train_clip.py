@@ -1,7 +1,12 @@
 """Train CLIP on shards with Ray Train (DDP workers fed by Ray Data).
 
     python jobs/train_clip.py --config configs/train_tiny.yaml data_uri=/data/shards num_workers=4
+    python jobs/train_clip.py --config configs/train_vit_b32.yaml 'data_uri=s3://bucket/{00000..01023}.tar'
     ray job submit --working-dir . -- python jobs/train_clip.py --config configs/train_tiny.yaml
+
+`data_uri` takes our shards, img2dataset's output folder, a brace list or a single shard (see
+pipelines/datasets.py). Without `storage_path`, checkpoints go to `s3://<data bucket>/runs` (data on S3) or
+`runs/` (a single-node cluster); a multi-node cluster with local data needs it set.
 
 Joins a running Ray cluster when there is one (`ray.init()`), else starts a local one. Prints the latest
 checkpoint (full training state + FP16 OpenAI-layout weights) and the final metrics.

@@ -1,6 +1,6 @@
 """Training end to end on Ray (2 gloo workers): the loss falls, zero-shot accuracy on held-out images is far
-above chance, every sample is accounted for once per epoch, bad rows are counted, the FP16 export matches.
-Plus the ingest stages without Ray."""
+above chance, every sample is accounted for once per epoch, bad rows are counted, the FP16 export matches;
+data, tokenizer and checkpoints on S3 in bf16; the path and storage rules for workers."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import io
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,16 +23,7 @@ from pipelines.config import load_config
 from pipelines.shards import write_dataset
 from pipelines.synthetic import Concept, generate, synthetic_shard_samples, to_jpeg
 from pipelines.train.config import TrainConfig
-from pipelines.train.ingest import (
-    CORRUPT_IMAGE,
-    MISSING_CAPTION,
-    OK,
-    EpochStream,
-    PrepareBatch,
-    build_dataset,
-    key_hash,
-)
-from pipelines.train.trainer import absolute_paths, build_trainer, train
+from pipelines.train.trainer import build_trainer, storage_root, train, worker_paths
 from pipelines.train.zero_shot_check import ZeroShotCheck
 
 # Eight colours of one shape: the class is the colour (chance 1/8), a signal a tiny model learns in ~30 steps.
@@ -56,90 +46,6 @@ def merges(tmp_path_factory):
     return str(path), Tokenizer.train(captions, vocab_size=640, out_path=path)
 
 
-# ---------- ingest stages, no Ray ----------
-
-
-def test_prepare_batch_decodes_and_flags_bad_rows(merges):
-    path, tok = merges
-    samples = list(synthetic_shard_samples(4, seed=1, size=SIZE, concepts=CONCEPTS))
-    batch = {
-        "key": np.array([s["key"] for s in samples], dtype=object),
-        "jpg": np.array([samples[0]["jpg"], b"\xff\xd8 not a jpeg", samples[2]["jpg"], None], dtype=object),
-        "txt": np.array([samples[0]["txt"].encode(), b"a red circle", None, "  "], dtype=object),
-    }
-    out = PrepareBatch(SIZE, path)(batch)
-    assert out["status"].tolist() == [OK, CORRUPT_IMAGE, MISSING_CAPTION, MISSING_CAPTION]
-    assert out["image"].shape == (4, 3, SIZE, SIZE) and out["image"].dtype == np.float32
-    assert out["image"][0].std() > 0.1 and not out["image"][1:].any()
-    assert torch.equal(torch.from_numpy(out["tokens"][0]), tok(samples[0]["txt"])[0])
-    assert out["key_hash"][0] == key_hash(samples[0]["key"]) and len(set(out["key_hash"])) == 4
-
-
-def test_prepare_batch_task_builds_its_stage_once_per_process(merges):
-    from pipelines.train import ingest
-
-    path, _ = merges
-    samples = list(synthetic_shard_samples(3, seed=2, size=SIZE, concepts=CONCEPTS))
-    batch = {k: np.array([s[k] for s in samples], dtype=object) for k in ("key", "jpg", "txt")}
-    ingest._cached_stage.cache_clear()
-    first = ingest.prepare_batch(batch, SIZE, path)
-    second = ingest.prepare_batch(batch, SIZE, path)
-    info = ingest._cached_stage.cache_info()
-    assert (info.misses, info.hits) == (1, 1)  # the tokenizer and transform survive into the next task
-    assert first["status"].tolist() == [OK] * 3 and np.array_equal(first["tokens"], second["tokens"])
-
-
-class _FakeShard:
-    """Stands in for a Ray DataIterator: yields the given batches from iter_torch_batches."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def iter_torch_batches(self, **kwargs):
-        return iter(self.batches)
-
-
-def _rows(hashes, status):
-    n = len(hashes)
-    return {
-        "image": torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 2, 2),
-        "tokens": torch.zeros(n, 77, dtype=torch.long),
-        "key_hash": torch.tensor(hashes),
-        "status": torch.tensor(status, dtype=torch.int8),
-    }
-
-
-def test_epoch_stream_rebatches_skips_consumed_and_counts_bad():
-    shard = _FakeShard([_rows([1, 2, 3], [0, 1, 0]), _rows([4, 5, 6, 7], [0, 0, 2, 0]), _rows([8], [0])])
-    stream = EpochStream(shard, 2, skip_hashes=np.array([3, 5]), shuffle_buffer=0, shuffle_seed=0)
-    batches = list(stream)
-    assert [b[2].tolist() for b in batches] == [[1, 4], [7, 8]]
-    assert all(b[0].shape == (2, 3, 2, 2) for b in batches)
-    assert stream.skipped == 2 and dict(stream.bad) == {"corrupt_image": 1, "missing_caption": 1}
-    assert sorted(stream.bad_hashes) == [2, 6]
-    stream.drain()
-    assert stream.leftover == 0
-
-
-@pytest.mark.parametrize("fmt", ["webdataset", "parquet"])
-def test_ingest_reads_shards_from_s3(ray_local, s3_server, merges, fmt):
-    path, tok = merges
-    uri = s3_server.make_bucket("train-ingest") + f"/{fmt}"
-    samples = list(synthetic_shard_samples(20, seed=2, size=SIZE, concepts=CONCEPTS))
-    samples[3]["jpg"] = b"garbage"
-    write_dataset(samples, uri, 8, formats=(fmt,))
-    merges_uri = f"{uri}/merges.txt.gz"  # the tokenizer may live in S3 too: each actor copies it locally
-    storage.write_bytes_atomic(merges_uri, Path(path).read_bytes())
-    cfg = TrainConfig(data_uri=uri, data_format=fmt, tokenizer_merges=merges_uri, decode_cpus=0.5)
-    rows = build_dataset(cfg, SIZE).take_all()
-    assert len(rows) == 20 and all(set(r) == {"image", "tokens", "key_hash", "status"} for r in rows)
-    status = {int(r["key_hash"]): int(r["status"]) for r in rows}
-    assert status[key_hash(samples[3]["key"])] == CORRUPT_IMAGE
-    assert sum(v == OK for v in status.values()) == 19
-    good = next(r for r in rows if int(r["key_hash"]) == key_hash(samples[0]["key"]))
-    assert torch.equal(torch.tensor(good["tokens"]), tok(samples[0]["txt"])[0])
-
-
 # ---------- a real run on Ray ----------
 
 
@@ -152,7 +58,8 @@ def trained_run(ray_local, merges, tmp_path_factory):
     )
     samples[5]["jpg"] = samples[5]["jpg"][:40]  # truncated JPEG
     samples[200]["txt"] = ""  # no caption
-    write_dataset(samples, str(root / "shards"), 64, formats=("webdataset",))
+    # Two shards of 161 rows (one bad row each): one per worker, so every row of an epoch is reached.
+    write_dataset(samples, str(root / "shards"), 161, formats=("webdataset",))
     held_out = root / "held_out"  # the trainer's zero-shot check reads class folders (colour names)
     for i, sample in enumerate(generate(96, seed=99, size=SIZE, concepts=CONCEPTS, variety=False)):
         (held_out / sample.concept.colour).mkdir(parents=True, exist_ok=True)
@@ -167,7 +74,6 @@ def trained_run(ray_local, merges, tmp_path_factory):
         epochs=5,
         lr=2e-3,
         warmup_steps=5,
-        shuffle_buffer=64,
         storage_path=str(root / "runs"),
         name="learn",
         log_every=4,
@@ -212,7 +118,9 @@ def test_run_learns_and_zero_shot_is_far_above_chance(trained_run, merges):
         model = trained_run[name]
         with torch.no_grad():
             weights = build_zero_shot_classifier(model, tok, COLOURS, PROMPTS)
-            accuracy[name] = (predict(model.encode_image(images), weights)[:, 0] == labels).float().mean().item()
+            accuracy[name] = (
+                (predict(model.encode_image(images), weights)[:, 0] == labels).float().mean().item()
+            )
     print(f"losses {losses[0]:.3f} -> {final:.3f}, zero-shot accuracy {accuracy}")
     assert accuracy["fp16"] >= 0.5, f"zero-shot accuracy {accuracy} (chance {1 / len(COLOURS):.3f})"
     # The trainer's own check (same images from class folders, same prompts) ran once per epoch; its last
@@ -228,12 +136,11 @@ def test_every_sample_once_per_epoch_and_bad_rows_counted(trained_run):
     assert len(state["epochs"]) == cfg.epochs
     for epoch in state["epochs"]:
         assert epoch["bad"] == {"corrupt_image": 1, "missing_caption": 1}
-        assert epoch["trained"] == epoch["unique_trained"]
         assert epoch["trained"] % global_batch == 0
-        assert epoch["trained"] + 2 + epoch["leftover"] == epoch["rows"] == 322
-        assert epoch["leftover"] < global_batch + cfg.num_workers
+        assert epoch["trained"] + 2 + epoch["not_reached"] == epoch["rows"] == 322
+        assert epoch["trained"] == 320 and epoch["not_reached"] == 0  # 160 good rows per worker: 10 batches
     assert state["step"] == sum(e["trained"] for e in state["epochs"]) // global_batch
-    assert state["nonfinite_skipped"] == 0
+    assert state["nonfinite_skipped"] == 0 and state["position"]["epoch"] == cfg.epochs
     assert float(trained_run["fp32"].logit_scale.detach().exp()) <= 100.0 + 1e-4
 
 
@@ -277,25 +184,39 @@ def test_checkpoint_tokenizer_is_gzipped_whatever_the_merges_file(merges, tmp_pa
     assert load_tokenizer(str(stored)).encode("a red circle") == tok.encode("a red circle")
 
 
-def test_checkpoints_to_s3_load_and_resume_from_there(ray_local, s3_server, merges, tmp_path):
+def test_bf16_on_s3_data_and_checkpoints_resumes_from_there(ray_local, s3_server, merges, tmp_path):
     path, tok = merges
-    write_dataset(list(synthetic_shard_samples(40, seed=3, size=SIZE, concepts=CONCEPTS)), str(tmp_path), 20)
-    runs = storage.join(s3_server.make_bucket("train-runs"), "runs")
+    bucket = s3_server.make_bucket("train-runs")
+    write_dataset(
+        list(synthetic_shard_samples(40, seed=3, size=SIZE, concepts=CONCEPTS)), f"{bucket}/data", 20
+    )
+    storage.write_bytes_atomic(f"{bucket}/merges.txt.gz", Path(path).read_bytes())  # each worker copies it
     cfg = TrainConfig(
-        model="tiny-rn", model_overrides={"vocab_size": tok.vocab_size, "image_resolution": SIZE},
-        tokenizer_merges=path, data_uri=str(tmp_path), batch_size=8, max_steps=2, checkpoint_every=1,
-        warmup_steps=1, storage_path=runs, name="first", log_every=1,
-    )  # fmt: skip
+        model="tiny-rn",
+        model_overrides={"vocab_size": tok.vocab_size, "image_resolution": SIZE},
+        tokenizer_merges=f"{bucket}/merges.txt.gz",
+        data_uri=f"{bucket}/data",
+        batch_size=8,
+        max_steps=2,
+        checkpoint_every=1,
+        warmup_steps=1,
+        name="first",
+        log_every=1,
+        precision="bf16",
+    )  # fmt: skip  (no storage_path: derived from the data's bucket)
     result = train(cfg)
     assert result.error is None, result.error
     checkpoint = "s3://" + result.checkpoint.path.lstrip("/")
+    assert checkpoint.startswith(f"{bucket}/runs/first/")
     files = {f.rsplit("/", 1)[1] for f in storage.list_files(checkpoint)}
     assert {"state.pt", "openai_fp16.pt", "model_config.json", "metrics.csv", "tokenizer.txt.gz"} <= files
     state_dict = torch.load(io.BytesIO(storage.read_bytes(f"{checkpoint}/openai_fp16.pt")))
     assert state_dict["visual.conv1.weight"].dtype == torch.float16
     assert clip_model.load(state_dict).visual.conv1.weight.shape == state_dict["visual.conv1.weight"].shape
     assert storage.read_bytes(f"{checkpoint}/tokenizer.txt.gz") == Path(path).read_bytes()
-    assert storage.exists(storage.join(runs, "first", "metrics.csv"))
+    assert storage.exists(f"{bucket}/runs/first/metrics.csv")
+    logged = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{checkpoint}/metrics.csv").decode())))
+    assert [int(r["step"]) for r in logged] == [1, 2] and all(math.isfinite(float(r["loss"])) for r in logged)
 
     resumed = train(dataclasses.replace(cfg, name="second", resume_from=checkpoint, max_steps=3))
     assert resumed.error is None, resumed.error
@@ -314,17 +235,27 @@ def test_tokenizer_of_another_vocabulary_is_refused_before_training(merges, tmp_
         build_trainer(dataclasses.replace(cfg, tokenizer_merges=""))
 
 
-def test_relative_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
-    # Ray Train workers run in another working directory: a relative path must not reach them.
+def test_paths_and_storage_as_the_workers_see_them(tmp_path, monkeypatch):
+    # Single node: Ray Train workers run in another working directory, a relative path must not reach them.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "prompts.txt").write_text("a {}")
-    cfg = absolute_paths(
-        TrainConfig(tokenizer_merges="m.txt.gz", data_uri="s3://b/shards", zero_shot_data="held",
-                    zero_shot_templates="prompts.txt")  # fmt: skip
-    )
+    given = TrainConfig(tokenizer_merges="m.txt.gz", data_uri="s3://b/shards", zero_shot_data="held",
+                        zero_shot_templates="prompts.txt")  # fmt: skip
+    cfg = worker_paths(given, single_node=True)
     assert (cfg.tokenizer_merges, cfg.data_uri) == (str(tmp_path / "m.txt.gz"), "s3://b/shards")
-    assert (cfg.zero_shot_data, cfg.zero_shot_templates) == (str(tmp_path / "held"), str(tmp_path / "prompts.txt"))
-    assert absolute_paths(TrainConfig(zero_shot_templates="default")).zero_shot_templates == "default"
+    assert (cfg.zero_shot_data, cfg.zero_shot_templates) == (
+        str(tmp_path / "held"),
+        str(tmp_path / "prompts.txt"),
+    )
+    assert worker_paths(TrainConfig(zero_shot_templates="default"), True).zero_shot_templates == "default"
+    # Several nodes: no driver path is rewritten (relative ones resolve in the shipped working dir).
+    assert worker_paths(given, single_node=False) == given
+    # No /tmp default: the data's bucket, runs/ on one node, else required.
+    assert storage_root(given, single_node=False) == "s3://b/runs"
+    local = TrainConfig(data_uri="shards")
+    assert storage_root(local, single_node=True) == "runs"
+    with pytest.raises(ValueError, match="storage_path is required on a multi-node cluster"):
+        storage_root(local, single_node=False)
 
 
 @pytest.mark.parametrize("name", ["train_tiny.yaml", "train_vit_b32.yaml"])

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines import shards, storage
+from pipelines import datasets, storage
 
 # Files an image folder's classes are made of. SVG is listed so that a vector image is a counted drop
 # (`vector_image`, see embed.decode_checked) rather than silently absent from the totals.
@@ -57,7 +57,7 @@ class EvalSet:
 def detect_format(path: str) -> str:
     if path.endswith(".jsonl"):
         return "jsonl"
-    if path.endswith((".tar", ".parquet")):
+    if path.endswith((".tar", ".parquet")) or "{" in path or "::" in path:  # a file, a brace list
         return "shards"
     if storage.is_s3(path):
         # Shards directly under the prefix, else an image folder (one sub-prefix per class).
@@ -158,14 +158,15 @@ def _mapping_by_folder(class_names, folders):
 
 
 def _shard_uris(path: str) -> list[str]:
-    if path.endswith((".tar", ".parquet")):
-        return [path]
-    uris = shards.shard_files(path, "webdataset") or shards.shard_files(path, "parquet")
-    if not uris:  # shards written by other tools have no manifests
-        uris = storage.list_files(path, ".tar") or storage.list_files(path, ".parquet")
-    if not uris:
-        raise EvalDataError(f"{path}: no .tar or .parquet shards")
-    return sorted(uris)
+    """Shard files of `path` through the shared resolver (folders of ours or other tools', brace lists):
+    tars when there are any (img2dataset's Parquet beside them holds no images), else Parquet."""
+    try:
+        return datasets.list_shards(path, "webdataset")
+    except datasets.DatasetError:
+        try:
+            return datasets.list_shards(path, "parquet")
+        except datasets.DatasetError:
+            raise EvalDataError(f"{path}: no .tar or .parquet shards") from None
 
 
 def _field(sample: Mapping[str, Any], name: str) -> Any:
@@ -191,7 +192,7 @@ def shard_set(
             {
                 str(v)
                 for u in uris
-                for s in shards.read_shard_samples(u)
+                for s in datasets.read_samples(u)
                 if (v := _field(s, label_field)) is not None
             }
         )
@@ -271,7 +272,7 @@ def expand_unit(unit: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         yield record
         return
     index = {name: i for i, name in enumerate(unit.get("labels", []))}
-    for sample in shards.read_shard_samples(unit["uri"]):
+    for sample in datasets.read_samples(unit["uri"]):
         record = {"id": sample["key"], "jpg": sample.get("jpg") or b""}
         if "labels" in unit:
             value = _field(sample, unit["label_field"])

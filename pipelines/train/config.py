@@ -16,16 +16,20 @@ class TrainConfig:
     tokenizer_merges: str | None = None  # OpenAI-layout merges file (local or s3://); required
     grad_checkpointing: bool = False
 
-    # Data: shards written by pipelines/shards.py (a folder, local or s3://).
+    # Data: shards (pipelines/datasets.py): a folder of ours or another tool's (img2dataset's output), a
+    # brace list `s3://bucket/{00000..01023}.tar`, several joined by `::`; local or s3://.
     data_uri: str = ""
     data_format: Literal["webdataset", "parquet"] = "webdataset"
-    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0 = off)
-    prefetch_batches: int = 2
-    # Ray Data CPUs: on a small machine the read and decode tasks must fit in what the training
-    # workers leave free, or the pipeline waits forever (e.g. 2 CPUs: 2 x 0.5 workers + 0.5 + 0.5).
-    read_cpus: float = 0.5  # per shard-read task
-    decode_workers: int = 1  # concurrent prepare_batch tasks (decode + augment + tokenize)
-    decode_cpus: float = 0.5  # CPUs per decode task
+    # Read order (pipelines/train/position.py): each worker draws rows from this many of its shards at once,
+    # rows shuffled inside each shard; the compressed bytes of these shards are held in memory.
+    shards_in_flight: int = 4
+    # Decode (JPEG -> uint8 crop, tokens), see pipelines/train/ingest.py. "tasks": Ray tasks asking for
+    # `decode_resource` ("CPU": CPU nodes; "ingest_cpu": the GPU nodes' own cores, a custom resource only GPU
+    # node types advertise). "worker": threads inside each training worker.
+    decode_on: Literal["tasks", "worker"] = "tasks"
+    decode_resource: str = "CPU"
+    decode_cpus: float = 0.5  # of decode_resource per decode task
+    decode_ahead: int = 4  # decode batches in flight per training worker
     decode_batch_size: int = 64
 
     # Batch and length. The global contrastive batch is batch_size * num_workers; with accum_steps > 1
@@ -42,7 +46,11 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float | None = None  # None: 0.999 for ResNets, 0.98 for ViTs
     eps: float | None = None  # None: 1e-8 for ResNets, 1e-6 for ViTs
-    precision: Literal["fp32", "fp16", "bf16"] = "fp16"  # fp16 needs a GPU; on CPU it falls back to fp32
+    # auto: bf16 autocast on GPUs that support it, else fp16 + GradScaler (the paper's recipe) on GPU, fp32
+    # on CPU. fp16 needs a GPU (on CPU it falls back to fp32); bf16 works on CPU too.
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # FSDP2 (sharded weights/optimizer, sharded checkpoints) instead of DDP
     max_logit_scale: float = 100.0
 
     # Ray Train.
@@ -51,10 +59,13 @@ class TrainConfig:
     cpus_per_worker: float = 0.5  # < 1 leaves CPUs for the Ray Data decode tasks on small machines
     gpus_per_worker: float = 1.0
     max_failures: int = 0
-    storage_path: str = "/tmp/clip_runs"  # local folder or s3://
+    # Local folder (shared by every node) or s3://. "": `s3://<data bucket>/runs` when the data is on S3,
+    # else `runs/` under the working directory on a single-node cluster; required on a multi-node one.
+    storage_path: str = ""
     name: str = "clip"
     checkpoint_every: int = 0  # steps; 0 = at the end of each epoch only
     keep_checkpoints: int = 2
+    checkpoint_upload: Literal["async", "sync"] = "async"  # async: training goes on while Ray uploads
     resume_from: str | None = None  # a checkpoint folder to start from (same model config only)
     seed: int = 0
     log_every: int = 10
@@ -76,6 +87,8 @@ class TrainConfig:
             )
         if self.num_workers < 1:
             problems.append("num_workers must be >= 1")
+        if self.shards_in_flight < 1 or self.decode_ahead < 1 or self.decode_batch_size < 1:
+            problems.append("shards_in_flight, decode_ahead and decode_batch_size must be >= 1")
         if self.epochs < 1 and self.max_steps < 1:
             problems.append("set epochs >= 1 or max_steps >= 1")
         if problems:

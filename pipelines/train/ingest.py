@@ -1,227 +1,307 @@
-"""Training ingest: shards -> Ray Data -> decoded, augmented, tokenized tensors on each training worker.
+"""Training ingest, per training worker: its shards -> compressed rows in the seeded read order ->
+decoded uint8 crops + tokens -> batches of exactly `batch_size` good rows, normalised on the device.
 
-Driver side (`build_dataset`): read WebDataset tars or Parquet shards (local or s3://) in a file order that
-changes every epoch (seeded), then `PrepareBatch` decodes the JPEGs, applies the training transform and
-tokenizes on CPU workers, so the batches that reach the trainer hold only numbers. Bad rows are not
-dropped here: they travel as a `status` code so that the training worker counts them together with the
-rows it trains on; that single ledger is what makes the data position in a checkpoint exact.
+Why not a Ray Data `streaming_split`: its blocks reach workers in an order no checkpoint can name, so a
+resume had to record every sample key and re-read (and re-decode) the whole epoch to skip them. Here each
+worker reads its own shards (pipelines/train/position.py: seeded shard order, rows shuffled inside each
+shard and across the shards in flight — a shuffle of compressed rows, before decoding), and the place
+reached is a few integers per shard in flight. On resume, finished shards are never opened and rows before
+a shard's offset are never decoded.
 
-Worker side (`EpochStream`): iterates its split with a seeded local shuffle buffer, counts bad rows by
-reason, skips the rows a resumed epoch has already trained on, and re-batches to exactly `batch_size` rows.
+Decoding (JPEG -> seeded random square crop -> uint8 HWC, captions -> token ids) runs where
+`decode_on` says:
+- "tasks": Ray tasks asking for `decode_resource` (default "CPU": CPU nodes; "ingest_cpu": the GPU nodes'
+  own cores, a custom resource only GPU node types advertise and CPU-only work never asks for; those tasks
+  prefer the worker's own node). `decode_ahead` batches are in flight, results are taken in order.
+- "worker": threads of the training worker itself (JPEG bytes are all that travels).
+Either way uint8 images (150 kB per 224 px sample, a quarter of float32) reach the trainer.
+
+Bad rows (undecodable image, missing caption) are not trained on: they are counted by reason as the
+batcher passes them, so trained + bad + rows not reached = rows of the epoch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections import Counter
-from collections.abc import Iterator
+import random
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
 from PIL import Image
 
-from clip_model import Tokenizer, image_transform
-from pipelines import storage
+from clip_model import Tokenizer
+from clip_model.transform import OPENAI_MEAN, OPENAI_STD, to_rgb
+from pipelines import datasets, storage
+from pipelines.train.position import Cursor, row_order
 
 OK, CORRUPT_IMAGE, MISSING_CAPTION = 0, 1, 2
 DROP_REASONS = {CORRUPT_IMAGE: "corrupt_image", MISSING_CAPTION: "missing_caption"}
+_BICUBIC = Image.Resampling.BICUBIC
 
 
-def key_hash(key: str) -> int:
-    """Stable 63-bit id of a sample key (numbers only reach the trainer)."""
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+def crop_rng(seed: int, epoch: int, key: str) -> random.Random:
+    """The augmentation's generator for one sample in one epoch: a resumed run draws the same crops."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
 
 
-def _text(value) -> str | None:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    text = value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-    return text if text.strip() else None
+def random_square_crop(image: Image.Image, size: int, rng: random.Random, scale=(0.9, 1.0)) -> np.ndarray:
+    """The paper's augmentation: a square of side sqrt(U(scale)) x the short side at a uniform position,
+    resized bicubically to `size`; returned as uint8 [size, size, 3]."""
+    image = to_rgb(image)
+    width, height = image.size
+    side = max(1, round(min(width, height) * rng.uniform(*scale) ** 0.5))
+    left, top = rng.randint(0, width - side), rng.randint(0, height - side)
+    out = image.resize((size, size), _BICUBIC, box=(left, top, left + side, top + side))
+    return np.asarray(out, dtype=np.uint8)
 
 
-class PrepareBatch:
-    """Ray Data stage: {key, jpg, txt} -> {image float32 [n,3,S,S], tokens int64 [n,L], key_hash, status}.
+class DecodeBatch:
+    """Decode stage: compressed rows -> {image uint8 [n,S,S,3], tokens int32 [n,L], status int8 [n]}.
+    A plain callable (tests call it directly; Ray tasks and worker threads run it)."""
 
-    A row whose JPEG does not decode or whose caption is missing/empty gets status CORRUPT_IMAGE /
-    MISSING_CAPTION and zero tensors; it is counted (not trained on) by the worker that receives it."""
-
-    def __init__(self, image_size: int, merges_path: str, context_length: int = 77, seed: int | None = None):
-        self.image_size = image_size
-        self.transform = image_transform(image_size, train=True, seed=seed)
+    def __init__(self, image_size: int, merges_path: str, context_length: int = 77, seed: int = 0):
+        self.image_size, self.context_length, self.seed = image_size, context_length, seed
         self.tokenizer = Tokenizer(storage.local_file(merges_path), context_length=context_length)
-        self.context_length = context_length
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = [k.decode() if isinstance(k, bytes) else str(k) for k in batch["key"]]
-        n, s = len(keys), self.image_size
-        images = np.zeros((n, 3, s, s), dtype=np.float32)
+    def __call__(self, rows: dict[str, list], epoch: int) -> dict[str, np.ndarray]:
+        n, s = len(rows["key"]), self.image_size
+        images = np.zeros((n, s, s, 3), dtype=np.uint8)
         status = np.zeros(n, dtype=np.int8)
-        captions = [_text(t) for t in batch["txt"]] if "txt" in batch else [None] * n
-        jpgs = batch["jpg"] if "jpg" in batch else [None] * n
-        for i, (jpg, caption) in enumerate(zip(jpgs, captions)):
-            if caption is None:
+        for i, (key, jpg, txt) in enumerate(zip(rows["key"], rows["jpg"], rows["txt"])):
+            if txt is None or not txt.strip():
                 status[i] = MISSING_CAPTION
                 continue
             try:
                 with Image.open(io.BytesIO(jpg)) as im:
                     im.load()
-                    images[i] = self.transform(im).numpy()
+                    images[i] = random_square_crop(im, s, crop_rng(self.seed, epoch, key))
             except Exception:  # truncated/garbage bytes, unsupported mode, None: all the same to us
                 status[i] = CORRUPT_IMAGE
-        good = [c for c, st in zip(captions, status) if st == OK]
-        tokens = np.zeros((n, self.context_length), dtype=np.int64)
+        tokens = np.zeros((n, self.context_length), dtype=np.int32)
+        good = [t for t, st in zip(rows["txt"], status) if st == OK]
         if good:
             tokens[status == OK] = self.tokenizer(good).numpy()
-        return {
-            "image": images,
-            "tokens": tokens,
-            "key_hash": np.array([key_hash(k) for k in keys], dtype=np.int64),
-            "status": status,
-        }
+        return {"image": images, "tokens": tokens, "status": status}
 
 
 @lru_cache(maxsize=4)
-def _cached_stage(image_size: int, merges_path: str, context_length: int) -> PrepareBatch:
-    return PrepareBatch(image_size, merges_path, context_length)
+def _cached_stage(image_size: int, merges_path: str, context_length: int, seed: int) -> DecodeBatch:
+    return DecodeBatch(image_size, merges_path, context_length, seed)
 
 
-def prepare_batch(
-    batch: dict[str, np.ndarray], image_size: int, merges_path: str, context_length: int = 77
-) -> dict[str, np.ndarray]:
-    """`PrepareBatch` as a Ray Data task: the tokenizer and transform are built once per worker process.
-    Tasks, unlike an actor pool, reuse Ray's warm worker processes when the next epoch re-executes the
-    dataset (measured on the demo shards: first batch of an epoch after 1 s instead of 6-10 s)."""
-    return _cached_stage(image_size, merges_path, context_length)(batch)
+def decode_batch(rows: dict[str, list], epoch: int, stage_args: tuple) -> dict[str, np.ndarray]:
+    """`DecodeBatch` as a Ray task: the tokenizer is built once per worker process and reused."""
+    return _cached_stage(*stage_args)(rows, epoch)
 
 
-def read_shards(data_uri: str, data_format: str, seed: int, num_cpus: float = 1.0):
-    """A Ray Dataset with columns key, jpg, txt; the file order is reshuffled on every execution (epoch)."""
-    import ray.data
-    from ray.data import FileShuffleConfig
-
-    from pipelines import storage
-
-    filesystem, path = storage.resolve(data_uri)
-    shuffle = FileShuffleConfig(seed=seed, reseed_after_execution=True)
-    if data_format == "webdataset":
-        ds = ray.data.read_webdataset(
-            path,
-            filesystem=filesystem,
-            file_extensions=["tar"],
-            decoder=None,
-            shuffle=shuffle,
-            num_cpus=num_cpus,
-        )
-
-        def select(batch):
-            n = len(batch["__key__"])
-            return {
-                "key": batch["__key__"],
-                "jpg": batch.get("jpg", [None] * n),
-                "txt": batch.get("txt", [None] * n),
-            }
-
-        return ds.map_batches(select, batch_format="numpy", num_cpus=num_cpus)  # fuses with the read
-    if data_format == "parquet":
-        return ray.data.read_parquet(
-            path, filesystem=filesystem, columns=["key", "jpg", "txt"], shuffle=shuffle, num_cpus=num_cpus
-        )
-    raise ValueError(f"unknown data_format {data_format!r}: use 'webdataset' or 'parquet'")
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [n,S,S,3] (on the device) -> float32 [n,3,S,S] scaled to [0,1] and normalised with CLIP's
+    mean/std: the 4x larger float tensor only ever exists on the device."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
-def build_dataset(cfg, image_size: int, context_length: int = 77):
-    """The training dataset of a TrainConfig: shards -> prepare_batch (numbers only)."""
-    return read_shards(cfg.data_uri, cfg.data_format, cfg.seed, cfg.read_cpus).map_batches(
-        prepare_batch,
-        fn_kwargs={
-            "image_size": image_size,
-            "merges_path": cfg.tokenizer_merges,
-            "context_length": context_length,
-        },
-        batch_size=cfg.decode_batch_size,
-        batch_format="numpy",
-        concurrency=cfg.decode_workers,
-        num_cpus=cfg.decode_cpus,
-    )
+class ShardLoader:
+    """Compressed rows of this worker's shards, read in background threads ahead of use, served in each
+    shard's seeded row order. Keeps the sizes of every shard it opened (for the committed cursor)."""
+
+    def __init__(self, uris: Sequence[str], seed: int, epoch: int, threads: int = 2):
+        self.uris, self.seed, self.epoch = uris, seed, epoch
+        self.sizes: dict[int, int] = {}
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-read")
+        self._pending: dict[int, object] = {}
+        self._open: dict[int, tuple[dict[str, list], np.ndarray]] = {}
+
+    def prefetch(self, shards: Sequence[int]) -> None:
+        for s in shards:
+            if s not in self._pending and s not in self._open:
+                self._pending[s] = self._pool.submit(datasets.read_rows, self.uris[s])
+
+    def size(self, shard: int) -> int:
+        if shard not in self._open:
+            self.prefetch([shard])
+            rows = self._pending.pop(shard).result()
+            self._open[shard] = (rows, row_order(len(rows["key"]), self.seed, self.epoch, shard))
+            self.sizes[shard] = len(rows["key"])
+        return self.sizes[shard]
+
+    def row(self, shard: int, pos: int) -> tuple[str, bytes | None, str | None]:
+        rows, order = self._open[shard]
+        i = order[pos]
+        if pos == len(order) - 1:  # the shard's last row: its bytes are no longer needed
+            del self._open[shard]
+        return rows["key"][i], rows["jpg"][i], rows["txt"][i]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class EpochStream:
-    """One worker's batches of one epoch: exactly `batch_size` good, not-yet-trained rows each.
+@dataclass
+class DecodeSettings:
+    image_size: int
+    merges_path: str
+    context_length: int = 77
+    seed: int = 0
+    decode_on: str = "tasks"  # "tasks" | "worker"
+    decode_resource: str = "CPU"
+    decode_cpus: float = 0.5
+    decode_ahead: int = 4
+    decode_batch_size: int = 64
 
-    Counts rows dropped as bad (`bad`, by reason, with their key hashes in `bad_hashes` so that a resumed
-    epoch neither re-counts nor re-trains them), and rows skipped because the resumed epoch had already
-    consumed them. Rows still in the re-batching buffer when the epoch ends are `leftover`."""
+    def args(self) -> tuple:
+        return (self.image_size, self.merges_path, self.context_length, self.seed)
 
-    def __init__(
-        self,
-        data_iter,
-        batch_size: int,
-        skip_hashes: np.ndarray,
-        shuffle_buffer: int,
-        shuffle_seed: int,
-        prefetch_batches: int = 2,
-        device: torch.device | str = "cpu",
-    ):
-        self.batch_size = batch_size
-        self.skip = set(skip_hashes.tolist())
+
+def task_options(settings: DecodeSettings, node_id: str) -> dict:
+    """Ray options of a decode task. "CPU": any node's CPUs. Any other resource (e.g. `ingest_cpu`, the GPU
+    nodes' own cores): no plain CPU asked, and a soft preference for the training worker's node `node_id`
+    (its batches then never cross the network; another node with the resource takes over if needed)."""
+    options: dict = {"max_retries": 3}
+    if settings.decode_resource == "CPU":
+        options["num_cpus"] = settings.decode_cpus
+        return options
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options.update(num_cpus=0, resources={settings.decode_resource: settings.decode_cpus})
+    options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+    return options
+
+
+class Decoder:
+    """Submits decode batches (Ray tasks or local threads) and returns their results in submission order."""
+
+    def __init__(self, settings: DecodeSettings):
+        self.settings = settings
+        if settings.decode_on == "tasks":
+            import ray
+
+            options = task_options(settings, ray.get_runtime_context().get_node_id())
+            self._task = ray.remote(decode_batch).options(**options)
+            self._get = ray.get
+        elif settings.decode_on == "worker":
+            self._pool = ThreadPoolExecutor(max(1, settings.decode_ahead), thread_name_prefix="decode")
+        else:
+            raise ValueError(f"decode_on must be 'tasks' or 'worker', not {settings.decode_on!r}")
+
+    def submit(self, rows: dict[str, list], epoch: int):
+        if self.settings.decode_on == "tasks":
+            return self._task.remote(rows, epoch, self.settings.args())
+        return self._pool.submit(decode_batch, rows, epoch, self.settings.args())
+
+    def result(self, handle) -> dict[str, np.ndarray]:
+        return self._get(handle) if self.settings.decode_on == "tasks" else handle.result()
+
+
+class WorkerStream:
+    """One worker's batches of one epoch (or of the rest of it, after a resume).
+
+    `ahead` walks the read order to feed the decoder; `committed` walks the same order only as far as the
+    rows handed to the trainer (good ones trained, bad ones counted), so `committed.state()` is the
+    position to checkpoint. Rows decoded but not yet handed out are simply read again after a restart."""
+
+    def __init__(self, cursor: Cursor, loader: ShardLoader, decoder: Decoder, batch_size: int):
+        self.ahead = cursor
+        self.committed = Cursor(cursor.seed, cursor.epoch, cursor.rank, list(cursor.queue),
+                                [type(s)(s.shard, s.offset, s.size) for s in cursor.slots], cursor.width,
+                                cursor.draws)  # fmt: skip
+        self.loader, self.decoder, self.batch_size = loader, decoder, batch_size
+        self.trained, self.decoded = 0, 0
         self.bad: Counter[str] = Counter()
-        self.bad_hashes: list[int] = []
-        self.skipped = 0
-        self.leftover = 0
-        self._batches = iter(
-            data_iter.iter_torch_batches(
-                batch_size=batch_size,
-                prefetch_batches=prefetch_batches,
-                local_shuffle_buffer_size=shuffle_buffer or None,
-                local_shuffle_seed=shuffle_seed if shuffle_buffer else None,
-                dtypes={
-                    "image": torch.float32,
-                    "tokens": torch.long,
-                    "key_hash": torch.long,
-                    "status": torch.int8,
-                },
-                device=device,
-            )
-        )
-        self._buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._buffered = 0
-        self._generator = self._generate()
+        self._in_flight: deque = deque()
+        self._fifo: deque[list] = deque()  # [decoded chunk, first row not yet handed out]
+        self._ended = False
+        self._uncommitted: tuple[int, Counter] = (0, Counter())
 
-    def _take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        images, tokens, hashes = (torch.cat(parts) for parts in zip(*self._buffer))
-        b = self.batch_size
-        rest = (images[b:], tokens[b:], hashes[b:])
-        self._buffer = [rest] if len(rest[0]) else []
-        self._buffered = len(rest[0])
-        return images[:b], tokens[:b], hashes[:b]
+    def _submit(self) -> bool:
+        rows: dict[str, list] = {"key": [], "jpg": [], "txt": []}
+        while len(rows["key"]) < self.decoder.settings.decode_batch_size:
+            self.loader.prefetch(self.ahead.upcoming(2))
+            nxt = self.ahead.next(self.loader.size)
+            if nxt is None:
+                break
+            for column, value in zip(("key", "jpg", "txt"), self.loader.row(*nxt)):
+                rows[column].append(value)
+        if not rows["key"]:
+            return False
+        self.decoded += len(rows["key"])
+        self._in_flight.append(self.decoder.submit(rows, self.ahead.epoch))
+        return True
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        return self._generator
+    def _next_chunk(self) -> dict | None:
+        while not self._ended and len(self._in_flight) < self.decoder.settings.decode_ahead:
+            self._ended = not self._submit()
+        if not self._in_flight:
+            return None
+        chunk = self.decoder.result(self._in_flight.popleft())
+        if not self._ended:
+            self._ended = not self._submit()  # keep the decoder busy while this chunk is trained on
+        return chunk
 
-    def _generate(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for batch in self._batches:
-            hashes, status = batch["key_hash"].cpu(), batch["status"].cpu()
-            fresh = torch.tensor([h not in self.skip for h in hashes.tolist()], dtype=torch.bool)
-            self.skipped += int((~fresh).sum())
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The next `batch_size` good rows (uint8 images, int32 tokens), or None when the epoch's rows of
+        this worker cannot fill one more batch (those rows are left unread by the position). Call
+        `commit()` once the batch is trained on."""
+        images, tokens, passed, bad, need = [], [], 0, Counter(), self.batch_size
+        fifo = list(self._fifo)
+        while need:
+            if not fifo:
+                chunk = self._next_chunk()
+                if chunk is None:
+                    self._fifo = deque(fifo)
+                    return None
+                fifo.append([chunk, 0])
+            chunk, start = fifo[0]
+            status = chunk["status"]
+            good = np.flatnonzero(status[start:] == OK)
+            end = start + int(good[need - 1]) + 1 if len(good) >= need else len(status)
+            ok = status[start:end] == OK
+            images.append(chunk["image"][start:end][ok])
+            tokens.append(chunk["tokens"][start:end][ok])
             for code, reason in DROP_REASONS.items():
-                hit = fresh & (status == code)
-                if hit.any():
-                    self.bad[reason] += int(hit.sum())
-                    self.bad_hashes.extend(hashes[hit].tolist())
-            keep = fresh & (status == OK)
-            if keep.any():
-                keep = keep.to(batch["image"].device)
-                self._buffer.append((batch["image"][keep], batch["tokens"][keep], batch["key_hash"][keep]))
-                self._buffered += int(keep.sum())
-            while self._buffered >= self.batch_size:
-                yield self._take()
+                bad[reason] += int((status[start:end] == code).sum())
+            need -= int(ok.sum())
+            passed += end - start
+            if end == len(status):
+                fifo.pop(0)
+            else:
+                fifo[0][1] = end
+        self._fifo = deque(fifo)
+        self._uncommitted = (passed, bad)
+        return np.concatenate(images), np.concatenate(tokens)
 
-    def drain(self, unused: int = 0) -> None:
-        """Read what remains of the epoch (counting bad rows) so the epoch is fully accounted for;
-        `unused` rows were taken from the stream but not trained on."""
-        for _ in self._generator:
-            self.leftover += self.batch_size
-        self.leftover += self._buffered + unused
-        self._buffer, self._buffered = [], 0
+    def commit(self) -> None:
+        """The last batch is being trained on (every rank had one): advance the committed position over
+        its rows and the bad rows before them. A batch never committed (another rank ran out) is not."""
+        passed, bad = self._uncommitted
+        self._uncommitted = (0, Counter())
+        for _ in range(passed):
+            self.committed.next(self.loader.sizes.__getitem__)
+        self.trained += self.batch_size
+        self.bad.update({k: v for k, v in bad.items() if v})
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        while (batch := self.next_batch()) is not None:
+            self.commit()
+            yield batch
+
+    def part(self) -> dict:
+        """This worker's contribution to the checkpoint's position (counted since the stream started)."""
+        return {
+            "rank": self.committed.rank,
+            "finished": list(self.committed.finished),
+            **self.committed.state(),
+            "trained": self.trained,
+            "bad": dict(self.bad),
+        }
+
+    def close(self) -> None:
+        self.loader.close()

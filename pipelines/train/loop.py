@@ -1,9 +1,14 @@
-"""train_loop_per_worker: what every Ray Train worker runs.
+"""train_loop_per_worker: what every Ray Train worker runs, as a few plain functions over explicit state.
 
-DDP over the `FeatureModel` wrapper, the all-gathered contrastive loss, mixed precision, logit-scale clamp,
-non-finite losses skipped and counted, metrics to Ray, and checkpoints that resume at the exact step and
-data position: the checkpoint stores which samples of the current epoch were already trained on (their key
-hashes, gathered from every worker) and a resumed epoch skips exactly those.
+    build_run(config)            -> Run         what does not change during the run (config, device, plan)
+    build_state(run)             -> TrainState  model, optimizer, scaler, scheduler, step, data position
+    restore(state, run, ckpt)                   the state a checkpoint holds (exact step and data position)
+    train_one_epoch(state, run)  -> bool        steps over this worker's stream until the epoch ends
+    save_checkpoint(state, run, ...)            one checkpoint, uploaded asynchronously by Ray Train
+
+DDP (or FSDP2) over the `FeatureModel` wrapper, the all-gathered contrastive loss, bf16 autocast (or fp16 +
+GradScaler), logit-scale clamp, non-finite losses skipped and counted, metrics reduced with one collective
+per logged step. The data position is the size of the shard list (pipelines/train/position.py).
 """
 
 from __future__ import annotations
@@ -17,14 +22,10 @@ import json
 import logging
 import math
 import os
-import random
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -33,19 +34,24 @@ import torch.distributed as dist
 from clip_model import Tokenizer, create_model, to_openai_state_dict
 from pipelines import storage
 from pipelines.config import config_to_dict, from_dict
+from pipelines.train import parallel
 from pipelines.train.config import TrainConfig
 from pipelines.train.gradcache import FeatureModel, forward_backward
-from pipelines.train.ingest import EpochStream
+from pipelines.train.ingest import Decoder, DecodeSettings, ShardLoader, WorkerStream, normalize
 from pipelines.train.optim import build_optimizer, build_scheduler
+from pipelines.train.position import Position
 from pipelines.train.zero_shot_check import ZeroShotCheck
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+SHARDED_STATE_DIR = "sharded_state"  # torch.distributed.checkpoint files (FSDP): one per rank + .metadata
 OPENAI_FP16_FILE = "openai_fp16.pt"
 METRICS_FILE = "metrics.csv"
 MODEL_CONFIG_FILE = "model_config.json"
-TOKENIZER_FILE = "tokenizer.txt.gz"  # the BPE merges the run tokenized with: a checkpoint is usable on its own
+TOKENIZER_FILE = (
+    "tokenizer.txt.gz"  # the BPE merges the run tokenized with: a checkpoint is usable on its own
+)
 
 
 class ResumeMismatchError(ValueError):
@@ -68,9 +74,19 @@ def check_resumable(checkpoint_model_config: dict, model_config: dict, where: st
         )
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """ "auto": bf16 on GPUs that support it (no loss scaling needed), fp16 on older GPUs, fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
 def amp_settings(precision: str, device: torch.device):
     """(autocast factory, GradScaler). fp16 autocast + loss scaling on CUDA; bf16 anywhere; fp16 requested
     on CPU falls back to fp32 (CPU fp16 matmuls are slow and unscaled gradients underflow)."""
+    precision = resolve_precision(precision, device)
     if precision == "bf16":
         return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), torch.amp.GradScaler(
             enabled=False
@@ -80,56 +96,6 @@ def amp_settings(precision: str, device: torch.device):
     if precision == "fp16":
         log.warning("precision fp16 needs a GPU; training in fp32 on %s", device)
     return contextlib.nullcontext, torch.amp.GradScaler(enabled=False)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_ranks(flag: bool) -> bool:
-    """True when `flag` holds on every rank (a collective: every rank must call it)."""
-    if not _distributed():
-        return flag
-    t = torch.tensor([0.0 if flag else 1.0], device=_collective_device())
-    dist.all_reduce(t)
-    return t.item() == 0
-
-
-def _collective_device() -> torch.device:
-    """NCCL reduces CUDA tensors only; gloo CPU tensors."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _gather(obj):
-    if not _distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _mean_over_ranks(value: torch.Tensor) -> float:
-    value = value.detach().float().reshape(1).clone()
-    if _distributed():
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value.item())
-
-
-@dataclasses.dataclass
-class DataPosition:
-    """Where the run is in the data: the epoch and the samples of it already accounted for by all workers
-    (key hashes of the rows trained on and of the bad rows dropped, with the drop reasons)."""
-
-    epoch: int = 0
-    trained_hashes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    bad_hashes: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    bad: dict = dataclasses.field(default_factory=dict)
-
-    def consumed(self) -> np.ndarray:
-        return np.concatenate([self.trained_hashes, self.bad_hashes])
 
 
 def merges_for_checkpoint(path: str) -> bytes:
@@ -145,223 +111,372 @@ def _checkpoint(uri: str) -> ray.train.Checkpoint:
     return ray.train.Checkpoint(uri)
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+@dataclasses.dataclass
+class Run:
+    """What does not change while the run trains."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    total_steps: int
+    shard_uris: list[str]
+    num_rows: int
+    autocast: object
+    merges: bytes
+    decode: DecodeSettings
+    zero_shot: ZeroShotCheck | None = None
+
+    @property
+    def shard_names(self) -> list[str]:
+        return [u.rsplit("/", 1)[-1] for u in self.shard_uris]
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything a checkpoint restores. `segment_start` is the data position this attempt's current
+    epoch stream started from (the epoch's start, or the resume point)."""
+
+    clip: torch.nn.Module  # the bare CLIP (state dicts, logit-scale clamp, exports)
+    model: torch.nn.Module  # what steps run: FeatureModel under DDP / FSDP2, maybe compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    position: Position
+    step: int = 0
+    nonfinite: int = 0
+    epochs: list[dict] = dataclasses.field(default_factory=list)
+    metrics: list[dict] = dataclasses.field(default_factory=list)
+    segment_start: Position | None = None
+
+
+def build_run(loop_config: dict) -> Run:
     cfg = from_dict(TrainConfig, loop_config["config"])
-    total_steps, num_rows = loop_config["total_steps"], loop_config["num_rows"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)
-
     model_config = cfg.model_config()
-    clip = create_model(cfg.model, **cfg.model_overrides)
-    clip.set_grad_checkpointing(cfg.grad_checkpointing)
-    step, position, epochs_done, metrics_rows, nonfinite = 0, DataPosition(), [], [], 0
-    state = None
-    # After a failure Ray Train hands back this run's latest checkpoint; a new run may start from resume_from.
-    checkpoint = ray.train.get_checkpoint() or (_checkpoint(cfg.resume_from) if cfg.resume_from else None)
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-        check_resumable(state["model_config"], dataclasses.asdict(model_config), checkpoint.path)
-        clip.load_state_dict(state["model"])
-        step, nonfinite = state["step"], state["nonfinite_skipped"]
-        position, epochs_done, metrics_rows = DataPosition(**state["data"]), state["epochs"], state["metrics"]
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-
-    model = ray.train.torch.prepare_model(FeatureModel(clip))
-    betas, eps = cfg.adam_betas_eps()
-    optimizer = build_optimizer(clip, cfg.lr, cfg.weight_decay, betas, eps)
-    scheduler = build_scheduler(optimizer, cfg.warmup_steps, total_steps)
-    autocast, scaler = amp_settings(cfg.precision, device)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-    max_log_scale = math.log(cfg.max_logit_scale)
-    shard = ray.train.get_dataset_shard("train")
-    merges_path = storage.local_file(cfg.tokenizer_merges) if rank == 0 else None
-    merges = merges_for_checkpoint(merges_path) if merges_path else b""  # copied into every checkpoint
+    merges_path = storage.local_file(cfg.tokenizer_merges)
+    decode = DecodeSettings(
+        model_config.image_resolution, cfg.tokenizer_merges, model_config.context_length, cfg.seed,
+        cfg.decode_on, cfg.decode_resource, cfg.decode_cpus, cfg.decode_ahead, cfg.decode_batch_size,
+    )  # fmt: skip
     zero_shot = None
     if cfg.zero_shot_data and rank == 0:
         tokenizer = Tokenizer(merges_path, context_length=model_config.context_length)
         zero_shot = ZeroShotCheck(cfg.zero_shot_data, tokenizer, model_config.image_resolution,
                                   cfg.zero_shot_templates, cfg.zero_shot_limit_per_class)  # fmt: skip
         if zero_shot.skipped:
-            log.warning("zero-shot check: %d unreadable image(s) in %s skipped", zero_shot.skipped, cfg.zero_shot_data)
+            log.warning("zero-shot check: %d unreadable image(s) skipped", zero_shot.skipped)
+    autocast, _ = amp_settings(cfg.precision, device)
+    return Run(cfg, rank, world, device, loop_config["total_steps"], loop_config["shard_uris"],
+               loop_config["num_rows"], autocast, merges_for_checkpoint(merges_path) if rank == 0 else b"",
+               decode, zero_shot)  # fmt: skip
 
-    def save(metrics: dict, epoch_summary: Callable[[DataPosition], dict] | None = None) -> DataPosition:
-        """Gather the data position from every worker and report a checkpoint (written by rank 0).
-        Returns the position to continue from (the next epoch's start after an epoch summary)."""
-        parts = _gather(
-            (
-                np.concatenate(new_trained or [np.zeros(0, np.int64)]),
-                np.asarray(stream.bad_hashes, np.int64),
-                dict(stream.bad),
-            )
-        )
-        bad = Counter(position.bad)
-        for p in parts:
-            bad.update(p[2])
-        data = DataPosition(
-            position.epoch,
-            np.concatenate([position.trained_hashes] + [p[0] for p in parts]),
-            np.concatenate([position.bad_hashes] + [p[1] for p in parts]),
-            dict(bad),
-        )
-        trained_in_epoch = len(data.trained_hashes)
-        if epoch_summary is not None:
-            epochs_done.append(epoch_summary(data))
-            data = DataPosition(position.epoch + 1)
-        checkpoint_dir = tempfile.mkdtemp(prefix="clip_ckpt_") if rank == 0 else None
-        if rank == 0:
-            torch.save(
-                {
-                    "model": {k: v.detach().cpu() for k, v in clip.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "nonfinite_skipped": nonfinite,
-                    "data": dataclasses.asdict(data),
-                    "epochs": epochs_done,
-                    "metrics": metrics_rows,
-                    "rng": {
-                        "python": random.getstate(),
-                        "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state(),
-                    },
-                    "config": config_to_dict(cfg),
-                    "model_config": dataclasses.asdict(model_config),
-                },
-                os.path.join(checkpoint_dir, STATE_FILE),
-            )
-            torch.save(
-                to_openai_state_dict(clip, torch.float16), os.path.join(checkpoint_dir, OPENAI_FP16_FILE)
-            )
-            with open(os.path.join(checkpoint_dir, MODEL_CONFIG_FILE), "w") as f:
-                json.dump(dataclasses.asdict(model_config), f)
-            with open(os.path.join(checkpoint_dir, METRICS_FILE), "w") as f:
-                f.write(_csv(metrics_rows))
-            with open(os.path.join(checkpoint_dir, TOKENIZER_FILE), "wb") as f:
-                f.write(merges)
-        report = {**metrics, "epochs_done": len(epochs_done), "epoch_trained": trained_in_epoch}
-        if rank == 0:
-            ray.train.report(
-                report,
-                checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                delete_local_checkpoint_after_upload=True,  # SYNC upload: storage holds it when this returns
-            )
+
+def build_state(run: Run) -> TrainState:
+    cfg = run.cfg
+    torch.manual_seed(cfg.seed)  # every rank starts from the same weights
+    clip = create_model(cfg.model, **cfg.model_overrides)
+    clip.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.fsdp:
+        model = parallel.fully_shard_clip(FeatureModel(clip), run.device)
+    else:
+        model = ray.train.torch.prepare_model(FeatureModel(clip))
+    if cfg.compile:
+        model = torch.compile(model)
+    betas, eps = cfg.adam_betas_eps()
+    optimizer = build_optimizer(clip, cfg.lr, cfg.weight_decay, betas, eps)
+    _, scaler = amp_settings(cfg.precision, run.device)
+    return TrainState(
+        clip, model, optimizer, build_scheduler(optimizer, cfg.warmup_steps, run.total_steps), scaler,
+        Position.start(0, run.shard_names, run.world, run.cfg.seed),
+    )  # fmt: skip
+
+
+def restore(state: TrainState, run: Run, checkpoint: ray.train.Checkpoint) -> None:
+    with checkpoint.as_directory() as d:
+        saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        check_resumable(saved["model_config"], dataclasses.asdict(run.cfg.model_config()), checkpoint.path)
+        if run.cfg.fsdp:
+            parallel.load_sharded(state.model, state.optimizer, os.path.join(d, SHARDED_STATE_DIR))
         else:
-            ray.train.report(report, checkpoint=None)
-        return data
+            state.clip.load_state_dict(saved["model"])
+            state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.scaler.load_state_dict(saved["scaler"])
+    state.step, state.nonfinite = saved["step"], saved["nonfinite_skipped"]
+    state.epochs, state.metrics = saved["epochs"], saved["metrics"]
+    state.position = Position(**saved["position"])
+    state.position.check(run.shard_names)
 
-    new_trained: list[np.ndarray] = []
-    stream = None
-    metrics: dict = {}
-    while step < total_steps and (cfg.max_steps > 0 or position.epoch < cfg.epochs):
-        epoch = position.epoch
-        new_trained = []
-        stream = EpochStream(
-            shard,
-            cfg.batch_size,
-            skip_hashes=position.consumed(),
-            shuffle_buffer=cfg.shuffle_buffer,
-            shuffle_seed=(cfg.seed * 1_000_003 + epoch * 1009 + rank) % 2**31,
-            prefetch_batches=cfg.prefetch_batches,
-            device=device,
+
+def open_stream(state: TrainState, run: Run) -> WorkerStream:
+    cfg = run.cfg
+    state.segment_start = state.position
+    cursor = state.position.cursor(run.rank, run.world, cfg.shards_in_flight)
+    loader = ShardLoader(run.shard_uris, cfg.seed, state.position.epoch)
+    return WorkerStream(cursor, loader, Decoder(run.decode), cfg.batch_size)
+
+
+# ---------------------------------------------------------------- collectives
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_ranks(flag: bool) -> bool:
+    """True when `flag` holds on every rank (a collective: every rank must call it)."""
+    if not _distributed():
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=_collective_device())
+    dist.all_reduce(t)
+    return t.item() == 0
+
+
+def _sum_over_ranks(values: list[float | torch.Tensor]) -> list[float]:
+    """Element-wise sums over ranks in one all-reduce (the logged metrics' single collective)."""
+    device = _collective_device() if _distributed() else torch.device("cpu")
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device).reshape(()) for v in values])
+    if _distributed():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _gather(obj):
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------- steps and epochs
+
+
+@dataclasses.dataclass
+class Window:
+    """Per-rank sums over the steps since the last log line (reduced when logged, not at each step)."""
+
+    loss: torch.Tensor | float = 0.0
+    finite_steps: int = 0
+    steps: int = 0
+    wait: float = 0.0
+    time: float = 0.0
+
+    def metrics(self, state: TrainState, run: Run, epoch: int) -> dict:
+        loss, finite, steps, wait, elapsed = _sum_over_ranks(
+            [self.loss, self.finite_steps, self.steps, self.wait, self.time]
         )
-        batches = iter(stream)
-        epoch_steps, window = 0, {"time": 0.0, "wait": 0.0, "steps": 0}
-        exhausted = False
-        while step < total_steps:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            wait = time.perf_counter() - t0
-            if not _all_ranks(batch is not None):
-                exhausted = True
-                break
-            images, tokens, hashes = batch
-            optimizer.zero_grad(set_to_none=True)
-            loss, finite = forward_backward(model, images, tokens, cfg.accum_steps, autocast, scaler.scale)
-            if finite:
-                scaler.step(optimizer)
-                scaler.update()
-                with torch.no_grad():
-                    clip.logit_scale.clamp_(0, max_log_scale)
+        metrics = {
+            "step": state.step,
+            "epoch": epoch,
+            "loss": loss / finite if finite else float("nan"),
+            "logit_scale": float(state.clip.logit_scale.exp()),
+            "lr": state.scheduler.get_last_lr()[0],
+            # time and wait are summed over ranks: per-rank means below
+            "samples_per_s": steps * run.cfg.batch_size * run.world / max(elapsed, 1e-9),
+            "data_wait_frac": wait / max(elapsed, 1e-9),
+            "nonfinite_skipped": state.nonfinite,
+        }
+        if run.device.type == "cuda":
+            metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        return metrics
+
+
+def train_step(
+    state: TrainState, run: Run, images: torch.Tensor, tokens: torch.Tensor
+) -> tuple[torch.Tensor, bool]:
+    """One optimizer step on this rank's batch (and, through the loss, the global batch)."""
+    state.optimizer.zero_grad(set_to_none=True)
+    loss, finite = forward_backward(
+        state.model, images, tokens, run.cfg.accum_steps, run.autocast, state.scaler.scale
+    )
+    if finite:
+        if run.cfg.fsdp:
+            parallel.reduce_replicated_grads(state.clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        with torch.no_grad():
+            state.clip.logit_scale.clamp_(0, math.log(run.cfg.max_logit_scale))
+    else:
+        state.nonfinite += 1
+    state.scheduler.step()
+    state.step += 1
+    return loss, finite
+
+
+def _to_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images, tokens = (torch.from_numpy(a) for a in batch)
+    non_blocking = device.type == "cuda"
+    if non_blocking:
+        images, tokens = images.pin_memory(), tokens.pin_memory()
+    images = normalize(images.to(device, non_blocking=non_blocking))
+    return images, tokens.to(device, non_blocking=non_blocking).long()
+
+
+def train_one_epoch(state: TrainState, run: Run, stream: WorkerStream) -> bool:
+    """Train on this epoch's stream. True when the epoch's data ran out on some rank; False when the run's
+    step budget (`max_steps`) ended first (the last checkpoint holds the position). In epochs mode only the
+    data ends an epoch."""
+    cfg, epoch, window = run.cfg, state.position.epoch, Window()
+    while cfg.max_steps == 0 or state.step < run.total_steps:
+        t0 = time.perf_counter()
+        batch = stream.next_batch()
+        wait = time.perf_counter() - t0
+        if not _all_ranks(batch is not None):
+            return True
+        stream.commit()
+        images, tokens = _to_device(batch, run.device)
+        loss, finite = train_step(state, run, images, tokens)
+        window.loss = window.loss + (loss.float() if finite else 0.0)
+        window.finite_steps += int(finite)
+        window.steps += 1
+        window.wait += wait
+        window.time += time.perf_counter() - t0
+
+        last = state.step == run.total_steps and cfg.max_steps > 0  # epochs mode: the epoch end saves
+        checkpoint_now = last or (cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0)
+        if state.step % cfg.log_every == 0 or checkpoint_now:
+            metrics = window.metrics(state, run, epoch)
+            window = Window()
+            if run.zero_shot and cfg.zero_shot_every > 0 and state.step % cfg.zero_shot_every == 0:
+                metrics["zero_shot_top1"] = run.zero_shot(state.clip, run.device)
+            state.metrics.append(metrics)
+            if checkpoint_now:
+                save_checkpoint(state, run, metrics, stream.part())
             else:
-                nonfinite += 1
-            scheduler.step()
-            new_trained.append(hashes.cpu().numpy())
-            step += 1
-            epoch_steps += 1
-            window["time"] += time.perf_counter() - t0
-            window["wait"] += wait
-            window["steps"] += 1
+                ray.train.report(metrics, checkpoint=None)
+        if cfg.crash_at_step and state.step == cfg.crash_at_step and run.rank == run.world - 1:
+            _crash_once(cfg)
+    return False
 
-            # In epochs mode the run ends with the epoch-end checkpoint below, not a step checkpoint.
-            last = step == total_steps and cfg.max_steps > 0
-            checkpoint_now = last or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)
-            if step % cfg.log_every == 0 or checkpoint_now:
-                metrics = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": _mean_over_ranks(loss) if finite else float("nan"),
-                    "logit_scale": float(clip.logit_scale.exp()),
-                    "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": window["steps"] * cfg.batch_size * world / max(window["time"], 1e-9),
-                    "data_wait_frac": window["wait"] / max(window["time"], 1e-9),
-                    "nonfinite_skipped": nonfinite,
-                }
-                if device.type == "cuda":
-                    metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                if zero_shot and cfg.zero_shot_every > 0 and step % cfg.zero_shot_every == 0:
-                    metrics["zero_shot_top1"] = zero_shot(clip, device)
-                metrics_rows.append(metrics)
-                window = {"time": 0.0, "wait": 0.0, "steps": 0}
-                if checkpoint_now:
-                    position = save(metrics)
-                    new_trained, stream.bad, stream.bad_hashes = [], Counter(), []
-                else:
-                    ray.train.report(metrics, checkpoint=None)
-            if cfg.crash_at_step and step == cfg.crash_at_step and rank == world - 1:
-                _crash_once(cfg)
 
-        if not exhausted and cfg.max_steps > 0:
-            break  # step budget reached mid-epoch; the last checkpoint holds the position
-        if epoch_steps == 0 and len(position.trained_hashes) == 0:
-            raise RuntimeError(
-                f"epoch {epoch} produced no full global batch of {cfg.batch_size} x {world} rows: "
-                "the dataset is smaller than one batch (or every row was bad)"
-            )
-        # On exhaustion this rank may hold a batch that other ranks could not match: it was not trained.
-        stream.drain(unused=len(batch[0]) if exhausted and batch is not None else 0)
-        leftover = sum(_gather(stream.leftover))
+def finish_epoch(state: TrainState, run: Run, stream: WorkerStream) -> None:
+    """Account for the epoch (trained + bad + not reached = rows), check zero-shot, save, next epoch."""
+    parts = _gather({**stream.part(), "decoded": stream.decoded})
+    done = state.segment_start.merge(parts, run.world)
+    start = state.segment_start
+    bad = sum(done.bad.values())
+    summary = {
+        "epoch": done.epoch,
+        "rows": run.num_rows,
+        "trained": done.trained,
+        "bad": done.bad,
+        "not_reached": run.num_rows - done.trained - bad,
+        "steps": state.step,
+        "resumed_at_rows": start.trained + sum(start.bad.values()),
+        "decoded_this_attempt": sum(p["decoded"] for p in parts),
+    }
+    if done.trained == 0:
+        raise RuntimeError(
+            f"epoch {done.epoch} produced no full global batch of {run.cfg.batch_size} x {run.world} rows: "
+            "the dataset is smaller than one batch (or every row was bad)"
+        )
+    state.epochs.append(summary)
+    metrics = {**(state.metrics[-1] if state.metrics else {}), "step": state.step, "epoch": done.epoch}
+    if run.zero_shot and run.cfg.zero_shot_every == 0:
+        metrics["zero_shot_top1"] = run.zero_shot(state.clip, run.device)
+        state.metrics.append(
+            {"step": state.step, "epoch": done.epoch, "zero_shot_top1": metrics["zero_shot_top1"]}
+        )
+    state.position = Position.start(done.epoch + 1, run.shard_names, run.world, run.cfg.seed)
+    save_checkpoint(state, run, metrics, part=None)
 
-        def summary(data: DataPosition, epoch=epoch, leftover=leftover, step=step) -> dict:
-            return {
-                "epoch": epoch,
-                "rows": num_rows,
-                "trained": len(data.trained_hashes),
-                "unique_trained": len(np.unique(data.trained_hashes)),
-                "bad": data.bad,
-                "leftover": leftover,
-                "steps": step,
-            }
 
-        metrics = {**metrics, "step": step, "epoch": epoch}
-        if zero_shot and cfg.zero_shot_every == 0:
-            metrics["zero_shot_top1"] = zero_shot(clip, device)
-            metrics_rows.append({"step": step, "epoch": epoch, "zero_shot_top1": metrics["zero_shot_top1"]})
-        position = save(metrics, epoch_summary=summary)
-        new_trained = []
+# ---------------------------------------------------------------- checkpoints
 
-    if rank == 0:
+
+def save_checkpoint(state: TrainState, run: Run, metrics: dict, part: dict | None) -> None:
+    """Write this rank's part of a checkpoint to a local folder and hand it to Ray Train, which uploads it
+    in the background (`checkpoint_upload=async`) while training goes on. Without FSDP rank 0 writes all of
+    it; with FSDP every rank writes its shard of the weights and optimizer (torch.distributed.checkpoint).
+    `part` is this rank's data position (mid-epoch); None after `finish_epoch` set the next epoch's start."""
+    if part is not None:
+        state.position = state.segment_start.merge(_gather(part), run.world)
+    folder = tempfile.mkdtemp(prefix="clip_ckpt_")
+    if run.cfg.fsdp:
+        parallel.save_sharded(state.model, state.optimizer, os.path.join(folder, SHARDED_STATE_DIR))
+        full = parallel.full_state_dict(state.model)  # a collective; only rank 0 gets the tensors
+    else:
+        full = None
+    if run.rank == 0:
+        _write_rank0_files(state, run, folder, full)
+    report = {**metrics, "epochs_done": len(state.epochs), "epoch_trained": state.position.trained}
+    wrote = run.rank == 0 or run.cfg.fsdp
+    mode = (
+        ray.train.CheckpointUploadMode.ASYNC
+        if run.cfg.checkpoint_upload == "async"
+        else ray.train.CheckpointUploadMode.SYNC
+    )
+    ray.train.report(
+        report,
+        checkpoint=ray.train.Checkpoint.from_directory(folder) if wrote else None,
+        checkpoint_upload_mode=mode,
+        delete_local_checkpoint_after_upload=True,
+    )
+
+
+def _write_rank0_files(state: TrainState, run: Run, folder: str, full: dict | None) -> None:
+    model_config = run.cfg.model_config()
+    saved = {
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "step": state.step,
+        "nonfinite_skipped": state.nonfinite,
+        "position": state.position.to_dict(),
+        "epochs": state.epochs,
+        "metrics": state.metrics,
+        "config": config_to_dict(run.cfg),
+        "model_config": dataclasses.asdict(model_config),
+    }
+    if full is None:
+        saved["model"] = {k: v.detach().cpu() for k, v in state.clip.state_dict().items()}
+        saved["optimizer"] = state.optimizer.state_dict()
+    torch.save(saved, os.path.join(folder, STATE_FILE))
+    export = state.clip
+    if full is not None:  # the sharded model's full weights, gathered on rank 0 into a CPU model
+        export = create_model(run.cfg.model, **run.cfg.model_overrides)
+        export.load_state_dict(full)
+    torch.save(to_openai_state_dict(export, torch.float16), os.path.join(folder, OPENAI_FP16_FILE))
+    Path(folder, MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_config)))
+    Path(folder, METRICS_FILE).write_text(_csv(state.metrics))
+    Path(folder, TOKENIZER_FILE).write_bytes(run.merges)
+
+
+# ---------------------------------------------------------------- the worker function
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    run = build_run(loop_config)
+    state = build_state(run)
+    # After a failure Ray Train hands back this run's latest checkpoint; a new run may start from resume_from.
+    checkpoint = ray.train.get_checkpoint() or (
+        _checkpoint(run.cfg.resume_from) if run.cfg.resume_from else None
+    )
+    if checkpoint is not None:
+        restore(state, run, checkpoint)
+    cfg = run.cfg
+    while state.position.epoch < cfg.epochs if cfg.max_steps == 0 else state.step < run.total_steps:
+        stream = open_stream(state, run)
+        try:
+            if not train_one_epoch(state, run, stream):
+                break  # step budget reached mid-epoch
+            finish_epoch(state, run, stream)
+        finally:
+            stream.close()
+    if run.rank == 0:
         storage.makedirs(storage.join(cfg.storage_path, cfg.name))
         storage.write_bytes_atomic(
-            storage.join(cfg.storage_path, cfg.name, METRICS_FILE), _csv(metrics_rows).encode()
+            storage.join(cfg.storage_path, cfg.name, METRICS_FILE), _csv(state.metrics).encode()
         )
 
 

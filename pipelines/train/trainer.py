@@ -1,4 +1,5 @@
-"""Build the TorchTrainer of a TrainConfig: Ray Data ingest + train_loop_per_worker on N workers."""
+"""Build the TorchTrainer of a TrainConfig: the shard list and its counts (pipelines/datasets.py), the step
+plan, and train_loop_per_worker on N workers (each reads its own shards, see pipelines/train/ingest.py)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,23 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from clip_model import Tokenizer
-from pipelines import shards, storage
+from pipelines import datasets, storage
 from pipelines.config import config_to_dict
 from pipelines.train.config import TrainConfig
-from pipelines.train.ingest import build_dataset
 from pipelines.train.loop import MODEL_CONFIG_FILE, check_resumable, train_loop_per_worker
 
 
-def count_rows(cfg: TrainConfig) -> int:
-    """Samples in the committed shards of the configured format (from the manifests, no data read)."""
-    ext = ".tar" if cfg.data_format == "webdataset" else ".parquet"
-    manifests = shards.committed_shards(cfg.data_uri).values()
-    rows = sum(m["count"] for m in manifests if any(f.endswith(ext) for f in m["files"]))
-    if rows == 0:
-        raise ValueError(f"no committed {cfg.data_format} shards under {cfg.data_uri!r}")
-    return rows
+def resolve_shards(cfg: TrainConfig) -> list[datasets.Shard]:
+    """The run's shards with their sample counts (index, img2dataset stats, manifests, or counted)."""
+    found = datasets.resolve(cfg.data_uri, cfg.data_format)
+    if len(found) < cfg.num_workers:
+        raise ValueError(
+            f"{len(found)} shard(s) in {cfg.data_uri!r} for {cfg.num_workers} workers: each worker reads whole "
+            "shards, so there must be at least one per worker (write more, smaller shards)"
+        )
+    if sum(s.num_samples for s in found) == 0:
+        raise ValueError(f"the {len(found)} {cfg.data_format} shard(s) of {cfg.data_uri!r} hold no samples")
+    return found
 
 
 def plan_steps(cfg: TrainConfig, num_rows: int) -> int:
@@ -37,6 +40,26 @@ def plan_steps(cfg: TrainConfig, num_rows: int) -> int:
             f"{num_rows} samples do not fill one global batch of {cfg.batch_size} x {cfg.num_workers} workers"
         )
     return cfg.epochs * per_epoch
+
+
+def _single_node() -> bool:
+    import ray
+
+    return not ray.is_initialized() or sum(1 for n in ray.nodes() if n["Alive"]) <= 1
+
+
+def storage_root(cfg: TrainConfig, single_node: bool) -> str:
+    """Where checkpoints go: storage_path, else `s3://<data bucket>/runs`, else `runs/` on one node."""
+    if cfg.storage_path:
+        return cfg.storage_path
+    if storage.is_s3(cfg.data_uri):
+        return "s3://" + cfg.data_uri[len("s3://") :].split("/", 1)[0] + "/runs"
+    if single_node:
+        return "runs"
+    raise ValueError(
+        "storage_path is required on a multi-node cluster (an s3:// URI, or a folder every node shares): "
+        "checkpoints written to one node's disk are lost to the others"
+    )
 
 
 def _storage(cfg: TrainConfig) -> tuple[str, object | None]:
@@ -57,7 +80,9 @@ def check_tokenizer(cfg: TrainConfig, vocab_size: int) -> None:
     """Refuse early a merges file whose vocabulary is not the model's token embedding size: ids past the
     embedding would crash the workers, a smaller vocabulary would leave rows never trained."""
     if not cfg.tokenizer_merges:
-        raise ValueError("tokenizer_merges is required: the OpenAI-layout merges file the model's vocab comes from")
+        raise ValueError(
+            "tokenizer_merges is required: the OpenAI-layout merges file the model's vocab comes from"
+        )
     tokenizer = Tokenizer(storage.local_file(cfg.tokenizer_merges))
     if tokenizer.vocab_size != vocab_size:
         raise ValueError(
@@ -67,24 +92,40 @@ def check_tokenizer(cfg: TrainConfig, vocab_size: int) -> None:
         )
 
 
-def absolute_paths(cfg: TrainConfig) -> TrainConfig:
-    """Local paths made absolute on the driver: Ray Train workers run in another working directory."""
-    fields = ("tokenizer_merges", "data_uri", "zero_shot_data", "zero_shot_templates", "resume_from")
+def worker_paths(cfg: TrainConfig, single_node: bool) -> TrainConfig:
+    """Paths as the workers must see them. s3:// URIs as they are. On a single node, local paths are made
+    absolute (Ray Train workers run in another working directory). On a multi-node cluster no driver path
+    is rewritten: a relative path resolves inside the job's working directory, which `ray job submit
+    --working-dir` ships to every node, and an absolute one must be on a file system every node mounts."""
+    fields = (
+        "tokenizer_merges",
+        "data_uri",
+        "zero_shot_data",
+        "zero_shot_templates",
+        "resume_from",
+        "storage_path",
+    )
+    if not single_node:
+        return cfg
     local = {
         f: os.path.abspath(v)
         for f in fields
-        if (v := getattr(cfg, f)) and not storage.is_s3(v) and (f != "zero_shot_templates" or os.path.exists(v))
+        if (v := getattr(cfg, f))
+        and not storage.is_s3(v)
+        and (f != "zero_shot_templates" or os.path.exists(v))
     }  # a template set name ("default") stays a name
     return dataclasses.replace(cfg, **local)
 
 
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
-    cfg = absolute_paths(cfg)
+    single_node = _single_node()
+    cfg = dataclasses.replace(cfg, storage_path=storage_root(cfg, single_node))
+    cfg = worker_paths(cfg, single_node)
     check_resume_source(cfg)
     model_config = cfg.model_config()
     check_tokenizer(cfg, model_config.vocab_size)
-    num_rows = count_rows(cfg)
-    dataset = build_dataset(cfg, model_config.image_resolution, model_config.context_length)
+    found = resolve_shards(cfg)
+    num_rows = sum(s.num_samples for s in found)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
@@ -93,6 +134,7 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
         train_loop_per_worker,
         train_loop_config={
             "config": config_to_dict(cfg),
+            "shard_uris": [s.uri for s in found],
             "num_rows": num_rows,
             "total_steps": plan_steps(cfg, num_rows),
         },
@@ -107,7 +149,6 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
-        datasets={"train": dataset},
     )
 
 
