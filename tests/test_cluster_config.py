@@ -187,6 +187,10 @@ def test_job_resource_requests_land_on_the_right_node_type():
     assert [t for t, spec in types.items() if fits({"CPU": train.decode_cpus}, spec["resources"])] == [
         "cpu_crawl"
     ]
+    # The shipped GPU config decodes next to the GPUs, through `ingest_cpu`.
+    gpu_cfg = load_config(TrainConfig, ROOT / "configs/train_vit_b32.yaml", ["data_uri=s3://b/wit"])
+    decode_request = {gpu_cfg.decode_resource: gpu_cfg.decode_cpus}
+    assert [t for t, spec in types.items() if fits(decode_request, spec["resources"])] == ["gpu_train"]
 
 
 def test_no_keys_dashboard_on_loopback():

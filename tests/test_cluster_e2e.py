@@ -117,7 +117,7 @@ def test_queries_build_train_eval_on_s3_only(s3_cluster, s3_server, tmp_path):
         f"tokenizer_merges={merges}", "model=tiny-rn",
         f"model_overrides={{image_resolution: 32, context_length: 32, vocab_size: {vocab}}}",
         f"storage_path={BUCKET}/runs", "name=e2e", "max_steps=2", "batch_size=4", "num_workers=2",
-        "cpus_per_worker=0.25", "read_cpus=0.25", "decode_cpus=0.25", "checkpoint_every=0", "keep_checkpoints=1",
+        "cpus_per_worker=0.25", "decode_cpus=0.25", "checkpoint_every=0", "keep_checkpoints=1",
         "max_failures=0", f"zero_shot_data={heldout}", f"zero_shot_templates={templates}")  # fmt: skip
     (checkpoint,) = checkpoints(f"{BUCKET}/runs/e2e")
 
