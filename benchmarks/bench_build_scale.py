@@ -1,6 +1,7 @@
 """Driver cost of `jobs/build_wit.py` as the input grows: the driver must hold a plan and counts only.
 
-A loopback URL list of N small distinct images per size (default 5k, 20k, 80k), built by the real job
+A loopback URL list of N small distinct images per size (default 5k, 20k, 80k; realistic alt-text captions,
+2% 404s, 1% on a host refusing connections, 3% slow answers), built by the real job
 against a separately started `ray start --head` (so the driver is one process of its own). Per size:
 driver CPU-seconds (user + sys of the job's process alone, from wait4: Ray's workers belong to the head),
 driver peak RSS, kept images/s (wall). `driver_us_per_image` is the marginal cost: driver CPU added per
@@ -25,6 +26,7 @@ import _ray_setup  # noqa: F401  (repository on sys.path, loopback Ray env)
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.alt_text import alt_text_captions
 from pipelines.local_cluster import LocalRayCluster, free_ports
 from pipelines.storage import read_json
 
@@ -45,6 +47,18 @@ def start_server(port: int) -> subprocess.Popen:
         except OSError:
             time.sleep(0.1)
     raise RuntimeError("loopback image server did not start")
+
+
+def url_of(port: int, dead_port: int, i: int) -> str:
+    """A web-like mix: 2% missing (404), 1% on a host that refuses connections, 3% slow, the rest fast."""
+    kind = i % 100
+    if kind < 2:
+        return f"http://127.0.0.1:{port}/missing/{i}.jpg"
+    if kind < 3:
+        return f"http://127.0.0.1:{dead_port}/img/{i}.jpg"
+    if kind < 6:
+        return f"http://127.0.0.1:{port}/slow/{i}.jpg"
+    return f"http://127.0.0.1:{port}/img/{i}.jpg"
 
 
 def run_job(
@@ -73,7 +87,7 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--per-shard", type=int, default=1000)
     args = parser.parse_args()
-    (port,) = free_ports(1)
+    port, dead_port = free_ports(2)  # nothing listens on dead_port: connection refused
     server = start_server(port)
     cluster = LocalRayCluster(num_cpus=args.cpus).start()
     rows = []
@@ -81,8 +95,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench_build_scale-") as tmp:
             for n in args.sizes:
                 urls = os.path.join(tmp, f"urls{n}.parquet")
-                pq.write_table(pa.table({"url": [f"http://127.0.0.1:{port}/img/{i}.jpg" for i in range(n)],
-                                         "caption": [f"picture {i}" for i in range(n)]}), urls)  # fmt: skip
+                pq.write_table(pa.table({"url": [url_of(port, dead_port, i) for i in range(n)],
+                                         "caption": alt_text_captions(n, seed=n)}), urls)  # fmt: skip
                 out = os.path.join(tmp, f"out{n}")
                 cpu, rss, wall = run_job(cluster.address, urls, out, args.per_shard, max(1, args.cpus))
                 kept = read_json(os.path.join(out, "_stats.json"))["totals"]["kept"]

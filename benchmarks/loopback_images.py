@@ -1,7 +1,8 @@
 """A fast loopback image server for the build benchmarks (aiohttp, its own process).
 
 `/img/{i}.jpg` is one small JPEG with `i` written into a comment segment, so every URL has its own bytes
-(its own sha256) at no rendering cost; `/hang/{i}.jpg` never answers (the read timeout ends it).
+(its own sha256) at no rendering cost; `/slow/{i}.jpg` is the same after 0.1-0.9 s (a slow host);
+`/hang/{i}.jpg` never answers (the read timeout ends it); any other path is a 404.
 Run: `python benchmarks/loopback_images.py PORT`.
 """
 
@@ -36,12 +37,17 @@ def app() -> web.Application:
         i = int(request.match_info["i"])
         return web.Response(body=unique_jpeg(base, i), content_type="image/jpeg")
 
+    async def slow(request: web.Request) -> web.Response:
+        i = int(request.match_info["i"])
+        await asyncio.sleep(0.1 + (i * 7919 % 9) / 10)
+        return web.Response(body=unique_jpeg(base, i), content_type="image/jpeg")
+
     async def hang(request: web.Request) -> web.Response:
         await asyncio.sleep(3600)
         return web.Response(status=500)
 
     application = web.Application()
-    application.add_routes([web.get("/img/{i}.jpg", image), web.get("/hang/{i}.jpg", hang)])
+    application.add_routes([web.get("/img/{i}.jpg", image), web.get("/slow/{i}.jpg", slow), web.get("/hang/{i}.jpg", hang)])
     return application
 
 
