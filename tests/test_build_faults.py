@@ -22,7 +22,9 @@ def write_inputs(http_server, folder) -> tuple[str, str]:
     images behind 30 URLs, so the crawl drops content duplicates inside and across shards."""
     folder.mkdir()
     queries = folder / "queries.parquet"
-    pq.write_table(pa.table({"query": ["dog", "cat"], "source": ["unigram"] * 2, "score": [1.0] * 2}), queries)
+    pq.write_table(
+        pa.table({"query": ["dog", "cat"], "source": ["unigram"] * 2, "score": [1.0] * 2}), queries
+    )
     images = rendered_images(10, seed=3, size=48)
     rows = [
         (
