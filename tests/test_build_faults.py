@@ -1,5 +1,5 @@
 """A retried task changes nothing, end to end: `build_wit` (curation inputs -> curated pairs -> crawl ->
-shards) with a curation filter task, a curation match task and a crawl shard task each failing once gives
+shards) with a curation filter task, a curation match task and two crawl shard tasks each failing once gives
 the `_stats.json`, the per-query counts, the curated pairs and every published byte of a build without
 faults."""
 
@@ -74,13 +74,16 @@ def test_faults_in_curation_and_crawl_change_nothing(ray_local, http_server, tmp
     assert clean["totals"]["dropped"]["duplicate"] >= 3  # content duplicates: the crawl's dedupe has work
 
     marks = tmp_path / "faults"
-    env = {faults.ENV_FAULTS: "curate_filter:*,curate_match:*,crawl_shard:00001", faults.ENV_DIR: str(marks)}
+    env = {
+        faults.ENV_FAULTS: "curate_filter:*,curate_match:*,crawl_shard:00001,crawl_shard:00002",
+        faults.ENV_DIR: str(marks),
+    }
     # Ray workers take the switch from the job's environment: run the job in a task that sets it (its
     # Ray Data tasks and shard workers inherit it).
     faulty_cfg = build_config(inputs, queries, tmp_path / "faulty")
     job = ray_local.remote(num_cpus=0, runtime_env={"env_vars": env})(build_wit)
     faulty = ray_local.get(job.remote(faulty_cfg))
-    assert len(list(marks.iterdir())) == 3  # each point fired once (then Ray's retry passed)
+    assert len(list(marks.iterdir())) == 4  # each fault fired once (then the retry passed)
 
     assert faulty["curation"]["stages"] == clean["curation"]["stages"]
     assert faulty["curation"]["counters"] == clean["curation"]["counters"]
