@@ -188,23 +188,6 @@ def _curated(out) -> list[dict]:
     return sorted(pq.read_table(out).to_pylist(), key=lambda r: r["url"])
 
 
-def test_retried_tasks_change_nothing(ray_local, tmp_path):
-    """A filter task and a match task fail once after doing their work (Ray Data retries them): the
-    curated rows, the funnel and the per-query counts equal a run without faults."""
-    # One batch per stage (batch_rows > input rows), so each point fires exactly once.
-    clean = curate(_small_curation(tmp_path, "clean", batch_rows=1000))
-    assert clean["stages"]["dedupe"]["dropped"] == {"duplicate_pair": 6}
-    assert clean["counters"]["query_counts_after"] == {"dog": 20, "cat": 20}
-    faults = tmp_path / "faults"
-    env = {"CLIP_TEST_FAULTS": "curate_filter:*,curate_match:*", "CLIP_TEST_FAULTS_DIR": str(faults)}
-    # Ray workers take the switch from the job's environment: run the job in a task that sets it.
-    job = ray_local.remote(num_cpus=0, runtime_env={"env_vars": env})(curate)
-    faulty = ray_local.get(job.remote(_small_curation(tmp_path, "faulty", batch_rows=1000)))
-    assert len(list(faults.iterdir())) == 2  # both points fired (and were retried)
-    assert faulty["stages"] == clean["stages"] and faulty["counters"] == clean["counters"]
-    assert _curated(tmp_path / "faulty") == _curated(tmp_path / "clean")
-
-
 def test_reuse_only_when_settings_and_inputs_match(ray_local, tmp_path):
     cfg = _small_curation(tmp_path, "reuse")
     first = curate_or_reuse(cfg)
