@@ -115,3 +115,22 @@ def test_shard_workers_declare_resources(ray_local, crawl_config):
     assert pool.options["max_concurrency"] == 3 + 2
     assert worker_count(crawl_config(num_workers=4, shards_per_worker=1), num_shards=5) == 4
     assert worker_count(crawl_config(num_workers=4, shards_per_worker=4), num_shards=5) == 2  # no idle ones
+
+
+def test_a_ray_data_step_runs_again_when_a_node_is_lost():
+    import ray
+
+    from pipelines.crawl.build import caused_by_node_loss, rerun_on_node_loss
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("dataset failed") from ray.exceptions.ActorDiedError()
+        return "done"
+
+    assert rerun_on_node_loss(step, "dedupe") == "done" and len(calls) == 2
+    assert not caused_by_node_loss(ValueError("a bug is not a lost node"))
+    with pytest.raises(ValueError):
+        rerun_on_node_loss(lambda: (_ for _ in ()).throw(ValueError("bug")), "plan")

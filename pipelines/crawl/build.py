@@ -42,6 +42,43 @@ class InputError(ValueError):
     """A missing or unusable input (reported in one line by the job)."""
 
 
+# What a lost node (a spot interruption, a drained or crashed machine) raises out of a Ray Data run. Ray
+# retries plain tasks itself, but not every Ray Data operator outlives the node its actors sat on.
+NODE_LOSS = (
+    ray.exceptions.ActorDiedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError,
+    ray.exceptions.OwnerDiedError, ray.exceptions.WorkerCrashedError,
+)  # fmt: skip
+
+
+def caused_by_node_loss(error: BaseException) -> bool:
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, NODE_LOSS) or isinstance(getattr(seen, "cause", None), NODE_LOSS):
+            return True
+        # A task error whose cause could not be deserialized keeps only the text of the cause.
+        if isinstance(seen, ray.exceptions.RayError) and "its node has died" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def rerun_on_node_loss(step: Callable[[], Any], what: str, attempts: int = 3) -> Any:
+    """Run an idempotent Ray Data step again when a node died under it (plan, dedupe: both resumable)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return step()
+        except Exception as e:
+            if attempt == attempts or not caused_by_node_loss(e):
+                raise
+            log.warning(
+                "%s: a node was lost (%s); running it again (%d/%d)",
+                what,
+                type(e).__name__,
+                attempt,
+                attempts,
+            )
+
+
 def read_url_table(uri: str) -> ray.data.Dataset:
     """A url+caption table: Parquet, CSV, TSV or JSON lines (a file or a folder of them)."""
     if not storage.exists(uri):
@@ -146,11 +183,13 @@ def build_crawl(
             base["source"] = input_listing([source])
         return {**base, **(settings() if settings else {})}
 
-    plan = ensure_plan(source, cfg, out_uri, fp_settings)
+    plan = rerun_on_node_loss(lambda: ensure_plan(source, cfg, out_uri, fp_settings), "plan")
     counts = RunCounts()
     crawl_shards(plan, cfg, out_uri, formats, counts)
     if cfg.dedupe:
-        counts.shards_compacted = dedupe_and_compact(out_uri, plan.layout, formats)
+        counts.shards_compacted = rerun_on_node_loss(
+            lambda: dedupe_and_compact(out_uri, plan.layout, formats), "dedupe"
+        )
     stats = finish(out_uri, plan, cfg, counts, time.time() - started, extra_stats() if extra_stats else {})
     return stats
 
