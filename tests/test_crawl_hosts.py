@@ -58,6 +58,21 @@ def fetch_config(**kw) -> FetchConfig:
 IMAGE = ImageConfig(image_size=32, min_size=16)
 
 
+
+def crawl_worker(cfg):
+    """A Ray actor class holding one CrawlStage (a crawl worker of its own process)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Worker:
+        def __init__(self):
+            self.stage = CrawlStage(cfg, IMAGE)
+
+        def crawl(self, urls: list[str]) -> list:
+            return self.stage(pa.table({"url": urls})).column("status").to_pylist()
+
+    return Worker
+
 def test_four_workers_share_one_hosts_budget(ray_local, server):
     ray = ray_local
     meter = Meter(rendered_images(1, size=48)[0][0], hold_s=0.25)
@@ -67,13 +82,7 @@ def test_four_workers_share_one_hosts_budget(ray_local, server):
         per_host_concurrency=3, per_host_rate=rate, budget="cluster", budget_scope="test-4w", robots_txt=True
     )
 
-    @ray.remote(num_cpus=0)
-    class Worker:
-        def __init__(self):
-            self.stage = CrawlStage(cfg, IMAGE)
-
-        def crawl(self, urls: list[str]) -> list:
-            return self.stage(pa.table({"url": urls})).column("status").to_pylist()
+    Worker = crawl_worker(cfg)
 
     workers = [Worker.remote() for _ in range(4)]
     ray.get([w.crawl.remote([f"{url}?warm={i}"]) for i, w in enumerate(workers)])  # actors and budget up
@@ -183,13 +192,7 @@ def test_budget_survives_the_worker_that_made_it(ray_local, server):
     url = server.put_file("again.jpg", rendered_images(1, size=48)[0][0])
     cfg = fetch_config(budget="cluster", budget_scope="test-owner", per_host_rate=0)
 
-    @ray.remote(num_cpus=0)
-    class Worker:
-        def __init__(self):
-            self.stage = CrawlStage(cfg, IMAGE)
-
-        def crawl(self, urls: list[str]) -> list:
-            return self.stage(pa.table({"url": urls})).column("status").to_pylist()
+    Worker = crawl_worker(cfg)
 
     first = Worker.remote()
     second = Worker.remote()
