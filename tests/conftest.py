@@ -221,3 +221,17 @@ def dataset_state(out: str) -> dict:
     for uri in storage.list_files(f"{out}/_rows"):
         state["_rows/" + uri.rsplit("/", 1)[1]] = storage.read_bytes(uri)
     return state
+
+
+def make_checkpoint_folder(ckpt: Path, captions: list[str], merges_name: str, step: int) -> tuple:
+    """A trainer-layout checkpoint folder of a fresh tiny-vit: its merges trained on `captions`,
+    `openai_fp16.pt` beside a `state.pt`. Returns (tokenizer, model)."""
+    import clip_model
+
+    ckpt.mkdir(parents=True)
+    tok = clip_model.Tokenizer.train(captions, 600, ckpt / merges_name)
+    torch.manual_seed(0)
+    model = clip_model.create_model("tiny-vit", vocab_size=tok.vocab_size)
+    clip_model.save_openai_checkpoint(model, ckpt / "openai_fp16.pt")
+    torch.save({"step": step}, ckpt / "state.pt")
+    return tok, model

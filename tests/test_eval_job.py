@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_checkpoint_folder  # shared builder (tests/ is on sys.path under pytest)
 
 import clip_model
 from pipelines import shards, synthetic
@@ -47,14 +48,9 @@ def write_folder(root: Path, n_per_class: int, seed: int) -> Path:
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval")
     ckpt = base / "checkpoint"
-    ckpt.mkdir()
-    captions = [s.caption for s in synthetic.generate(300, seed=7)]
-    tok = clip_model.Tokenizer.train(captions + [c.label for c in CONCEPTS], 600, ckpt / "merges.txt.gz")
-    torch.manual_seed(0)
-    model = clip_model.create_model("tiny-vit", vocab_size=tok.vocab_size)
+    captions = [s.caption for s in synthetic.generate(300, seed=7)] + [c.label for c in CONCEPTS]
     # The trainer's checkpoint folder layout: full training state beside the FP16 OpenAI-layout weights.
-    clip_model.save_openai_checkpoint(model, ckpt / "openai_fp16.pt")
-    torch.save({"step": 0}, ckpt / "state.pt")
+    tok, model = make_checkpoint_folder(ckpt, captions, "merges.txt.gz", step=0)
 
     zs = write_folder(base / "zs", 2, seed=1)
     (zs / "red_circle" / "broken.jpg").write_bytes(b"this is not a jpeg")  # counted, skipped

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_checkpoint_folder  # shared builder (tests/ is on sys.path under pytest)
 
 import clip_model
 from pipelines import storage, synthetic
@@ -38,13 +39,8 @@ def upload(local: Path, uri: str) -> str:
 def local_and_s3(s3_server, tmp_path_factory):
     base = tmp_path_factory.mktemp("evals3")
     ckpt = base / "checkpoint_000001"
-    ckpt.mkdir()
-    captions = [s.caption for s in synthetic.generate(100, seed=7)]
-    tok = clip_model.Tokenizer.train(captions + [c.label for c in CONCEPTS], 600, ckpt / "tokenizer.txt.gz")
-    torch.manual_seed(0)
-    model = clip_model.create_model("tiny-vit", vocab_size=tok.vocab_size)
-    clip_model.save_openai_checkpoint(model, ckpt / "openai_fp16.pt")
-    torch.save({"step": 1}, ckpt / "state.pt")
+    captions = [s.caption for s in synthetic.generate(100, seed=7)] + [c.label for c in CONCEPTS]
+    make_checkpoint_folder(ckpt, captions, "tokenizer.txt.gz", step=1)
     lines = []
     for i, s in enumerate(synthetic.generate(4, seed=3, concepts=CONCEPTS)):
         folder = base / "images" / s.label.replace(" ", "_")
