@@ -4,6 +4,7 @@ tests/test_build_faults.py, end to end with a retried curation task.)"""
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -189,5 +190,69 @@ def test_a_shard_reads_only_its_rows_from_the_plan(tmp_path):
     assert plan.layout.num_shards == 6 and plan.pieces(1) == [(str(tmp_path / "p0.parquet"), 3, 2),
                                                               (str(tmp_path / "p1.parquet"), 0, 1)]  # fmt: skip
     for shard in range(plan.layout.num_shards):
-        rows = read_pieces(plan.pieces(shard)).column("url").to_pylist()
-        assert rows == [f"u{o}" for o in range(3 * shard, min(3 * shard + 3, first))]
+        rows = read_pieces(plan.pieces(shard), 3 * shard, 3)
+        expected = list(range(3 * shard, min(3 * shard + 3, first)))
+        assert rows.column("url").to_pylist() == [f"u{o}" for o in expected]
+        assert rows.column("ordinal").to_pylist() == expected and set(rows.column("shard").to_pylist()) == {
+            shard
+        }
+
+
+def test_a_parquet_input_is_its_own_plan(tmp_path, monkeypatch):
+    """Input files with uneven row groups (and an empty one, and a _SUCCESS marker) are planned from their
+    footers alone: no copy of the input; each shard reads its rows in input order, numbered."""
+    from pipelines.crawl import plan as plan_mod
+
+    folder, first = tmp_path / "in", 0
+    folder.mkdir()
+    for i, (n, group) in enumerate([(7, 2), (0, 1), (11, 5), (4, 4)]):
+        urls = [f"u{first + j}" for j in range(n)]
+        table = pa.table(
+            {
+                "url": pa.array(urls, pa.string()),
+                "caption": pa.array(["c"] * n, pa.string()),
+                "ordinal": pa.array([-1] * n, pa.int64()),
+            }
+        )  # fmt: skip  (a stale column: replaced)
+        pq.write_table(table, folder / f"part{i}.parquet", row_group_size=group)
+        first += n
+    (folder / "_SUCCESS").write_bytes(b"")
+    files = plan_mod.parquet_inputs(str(folder))
+    assert files == [str(folder / f"part{i}.parquet") for i in range(4)]
+    plan = plan_mod.direct_plan(files, str(tmp_path / "out"), 3, {"sha256": "x"})
+    assert plan.num_input == 22 and not list((tmp_path / "out" / "_plan").glob("part-*"))
+    assert plan_mod.Plan.load(plan.uri).parts == plan.parts  # committed, reloadable
+    for shard in range(plan.layout.num_shards):
+        rows = plan_mod.read_pieces(plan.pieces(shard), 3 * shard, 3)
+        expected = list(range(3 * shard, min(3 * shard + 3, 22)))
+        assert rows.column("url").to_pylist() == [f"u{o}" for o in expected]
+        assert rows.column("ordinal").to_pylist() == expected
+    # Row groups too large for a shard to read cheaply, or a non-Parquet file: the input is rewritten.
+    monkeypatch.setattr(plan_mod, "DIRECT_MAX_GROUP_ROWS", 4)
+    assert plan_mod.direct_plan(files, str(tmp_path / "out2"), 3, {"sha256": "x"}) is None
+    (folder / "more.csv").write_text("url,caption\n")
+    assert plan_mod.parquet_inputs(str(folder)) is None
+
+
+def test_dedupe_in_one_task_equals_the_shuffled_dedupe(ray_local, ordered_site, one_worker, tmp_path):
+    """Dedupe of a small build (one task) and of a large one (Ray Data hash shuffle, forced here with
+    two rows per partition) compact the same shards into the same bytes as deduping while committing."""
+    from pipelines.crawl.dedupe import dedupe_and_compact
+    from pipelines.crawl.plan import Layout
+
+    out1, _ = one_worker
+    cfg = crawl_config(samples_per_shard=PER_SHARD, num_workers=1, shards_per_worker=1, dedupe=False)
+    raw = str(tmp_path / "raw")
+    build_crawl(ordered_site, cfg, raw)
+    layout = Layout(40, PER_SHARD)
+    rewritten = {}
+    for name, rows_per_partition in (("one_task", 10**9), ("shuffled", 2)):
+        out = tmp_path / name
+        shutil.copytree(raw, out)
+        rewritten[name] = dedupe_and_compact(str(out), layout, ["webdataset", "parquet"], rows_per_partition)
+        state = dataset_state(str(out))
+        expected = dataset_state(out1)
+        assert {k: v for k, v in state.items() if k.endswith((".tar", ".parquet")) and "_" not in k} == {
+            k: v for k, v in expected.items() if k.endswith((".tar", ".parquet")) and "_" not in k
+        }
+    assert rewritten["one_task"] == rewritten["shuffled"] > 0

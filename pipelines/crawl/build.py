@@ -28,7 +28,7 @@ from pipelines.crawl import aggregate
 from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.dedupe import dedupe_and_compact
 from pipelines.crawl.dispatch import ShardPool, worker_count
-from pipelines.crawl.plan import Plan, reusable_plan, write_plan
+from pipelines.crawl.plan import Plan, direct_plan, parquet_inputs, reusable_plan, write_plan
 from pipelines.fingerprint import fingerprint, input_listing
 from pipelines.stats import Funnel, write_stats
 
@@ -81,8 +81,6 @@ def rerun_on_node_loss(step: Callable[[], Any], what: str, attempts: int = 3) ->
 
 def read_url_table(uri: str) -> ray.data.Dataset:
     """A url+caption table: Parquet, CSV, TSV or JSON lines (a file or a folder of them)."""
-    if not storage.exists(uri):
-        raise InputError(f"input not found: {uri}")
     if uri.endswith((".csv", ".csv.gz")):
         ds = ray.data.read_csv(uri)
     elif uri.endswith((".tsv", ".tsv.gz")):
@@ -93,20 +91,24 @@ def read_url_table(uri: str) -> ray.data.Dataset:
         ds = ray.data.read_json(uri, lines=True)
     else:
         ds = ray.data.read_parquet(uri)
-    missing = {"url", "caption"} - set(column_names(uri, ds))
-    if missing:
-        raise InputError(f"{uri}: the crawl input needs columns url and caption; missing {sorted(missing)}")
+        require_columns(uri, parquet_columns(uri))
+        return ds
+    require_columns(uri, ds.schema().names)
     return ds
 
 
-def column_names(uri: str, ds: ray.data.Dataset) -> list[str]:
-    """The input's columns: from Parquet footers directly (no Ray Data job), else from the dataset."""
-    if uri.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".json", ".jsonl", ".json.gz", ".jsonl.gz")):
-        return ds.schema().names
+def parquet_columns(uri: str) -> list[str]:
+    """A Parquet input's columns, from its footers (no Ray Data job)."""
     import pyarrow.dataset as pads
 
     fs, path = storage.resolve(uri)
     return pads.dataset(path, filesystem=fs, format="parquet").schema.names
+
+
+def require_columns(uri: str, names: Sequence[str]) -> None:
+    missing = {"url", "caption"} - set(names)
+    if missing:
+        raise InputError(f"{uri}: the crawl input needs columns url and caption; missing {sorted(missing)}")
 
 
 @dataclass
@@ -121,16 +123,27 @@ class RunCounts:
 
 def ensure_plan(source: Source, cfg: CrawlConfig, out_uri: str, fp_settings: Callable[[], dict]) -> Plan:
     """The committed plan when it was made from these settings and inputs, else a new one."""
-    plan = reusable_plan(out_uri, fingerprint(fp_settings()))
+    fp = fingerprint(fp_settings())
+    plan = reusable_plan(out_uri, fp)
     if plan is not None:
         return plan
     if isinstance(source, str):
-        ds = read_url_table(source)
-    elif isinstance(source, ray.data.Dataset):
-        ds = source
-    else:
-        ds = source()
-    return write_plan(ds, out_uri, cfg.samples_per_shard, fingerprint(fp_settings()))
+        return plan_url_table(source, cfg, out_uri, fp)
+    ds = source if isinstance(source, ray.data.Dataset) else source()
+    return write_plan(ds, out_uri, cfg.samples_per_shard, fp)
+
+
+def plan_url_table(uri: str, cfg: CrawlConfig, out_uri: str, fp: Mapping[str, Any]) -> Plan:
+    """A url+caption table's plan: its own Parquet files when they can be (plan.py), else rewritten."""
+    if not storage.exists(uri):
+        raise InputError(f"input not found: {uri}")
+    files = parquet_inputs(uri)
+    if files is not None:
+        require_columns(uri, parquet_columns(uri))
+        plan = direct_plan(files, out_uri, cfg.samples_per_shard, fp)
+        if plan is not None:
+            return plan
+    return write_plan(read_url_table(uri), out_uri, cfg.samples_per_shard, fp)
 
 
 def crawl_shards(

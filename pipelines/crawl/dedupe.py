@@ -1,10 +1,13 @@
 """Exact content dedupe across the dataset, then compaction: published shards hold no duplicate.
 
-A Ray Data job over the per-shard sidecars (`_rows/*.parquet`, no images): the rows that passed the
-image checks are grouped by sha256 (hash shuffle, bounded memory per task); in each group the first copy
-in input order (smallest ordinal) wins and the others are duplicates. The duplicates are then grouped by
-shard and each affected shard is compacted: its files rewritten without them (atomically), its funnel
-recomputed, its manifest rewritten last. No set of hashes lives in the driver.
+Over the per-shard sidecars (`_rows/*.parquet`, no images), the rows that passed the image checks are
+grouped by sha256; in each group the first copy in input order (smallest ordinal) wins and the others are
+duplicates. The duplicates are then grouped by shard and each affected shard is compacted: its files
+rewritten without them (atomically), its funnel recomputed, its manifest rewritten last. No set of hashes
+lives in the driver. Up to `ROWS_PER_PARTITION` input rows (one shuffle partition's worth) one task finds
+the duplicates and one task per affected shard compacts it; above that, a Ray Data job hash-shuffles the
+sidecar rows (bounded memory per task). Ray Data's fixed cost (an executor, shuffle actors: ~15 s on two
+cores) would otherwise dominate every build of less than a few million rows.
 
 Idempotent and resumable: the result depends only on the sidecars, and a shard's manifest records how many
 duplicates its files already leave out. Duplicates only ever grow (a retry pass adds images, never removes
@@ -19,6 +22,7 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import ray
 
 from pipelines import shards, storage
@@ -31,6 +35,18 @@ ROWS_PER_PARTITION = 2_000_000  # sidecar rows per shuffle partition (about 100 
 def passed_rows(batch: pa.Table) -> pa.Table:
     """Rows that passed every check: (ordinal, sha256)."""
     return batch.filter(pc.is_null(batch.column("status"))).select(["ordinal", "sha256"])
+
+
+def all_later_copies(rows: pa.Table, samples_per_shard: int) -> pa.Table:
+    """`later_copies` of every sha256 group of `rows` (ordinal, sha256) at once, vectorised."""
+    rows = rows.sort_by([("sha256", "ascending"), ("ordinal", "ascending")])
+    ordinals = pa.array([], pa.int64())
+    if rows.num_rows > 1:
+        sha = rows.column("sha256")
+        later = pc.equal(sha.slice(1), sha.slice(0, rows.num_rows - 1))  # the same hash as the row before
+        ordinals = rows.column("ordinal").slice(1).filter(later).combine_chunks()
+    shards = pc.divide(ordinals, pa.scalar(samples_per_shard, pa.int64()))  # integer division for ints
+    return pa.table({"shard": shards, "ordinal": ordinals})
 
 
 def later_copies(group: pa.Table, samples_per_shard: int) -> pa.Table:
@@ -60,14 +76,36 @@ def compact_shard(group: pa.Table, out_uri: str, layout: Layout, formats: Sequen
     return pa.table({"shard": [shard], "rewritten": [1]})
 
 
-def dedupe_and_compact(out_uri: str, layout: Layout, formats: Sequence[str]) -> int:
+@ray.remote(max_retries=3)
+def _find_duplicates(rows_dir: str, samples_per_shard: int) -> dict[int, pa.Table]:
+    """shard -> its duplicates (shard, ordinal), for the shards that have any (one task, small builds)."""
+    fs, _ = storage.resolve(rows_dir)
+    files = [storage.resolve(uri)[1] for uri in storage.list_files(rows_dir, ".parquet")]  # no .tmp-*
+    sidecars = pads.dataset(files, filesystem=fs, format="parquet")
+    duplicates = all_later_copies(passed_rows(sidecars.to_table(columns=["ordinal", "status", "sha256"])),
+                                  samples_per_shard)  # fmt: skip
+    shards = duplicates.column("shard")
+    return {s: duplicates.filter(pc.equal(shards, s)) for s in pc.unique(shards).to_pylist()}
+
+
+@ray.remote(max_retries=3)
+def _compact(group: pa.Table, out_uri: str, layout: Layout, formats: Sequence[str]) -> int:
+    return compact_shard(group, out_uri, layout, formats).column("rewritten")[0].as_py()
+
+
+def dedupe_and_compact(
+    out_uri: str, layout: Layout, formats: Sequence[str], rows_per_partition: int = ROWS_PER_PARTITION
+) -> int:
     """Find the duplicates across all committed shards and compact the affected ones. Returns how many
     shards were rewritten."""
     rows_dir = storage.join(out_uri, shard_files.ROWS_DIR)
     if layout.num_input == 0 or not storage.exists(rows_dir):
         return 0
+    partitions = max(1, min(1024, math.ceil(layout.num_input / rows_per_partition)))
+    if partitions == 1:
+        groups = ray.get(_find_duplicates.remote(rows_dir, layout.samples_per_shard))
+        return sum(ray.get([_compact.remote(g, out_uri, layout, list(formats)) for g in groups.values()]))
     fs, path = storage.resolve(rows_dir)
-    partitions = max(1, min(1024, math.ceil(layout.num_input / ROWS_PER_PARTITION)))
     ds = ray.data.read_parquet(
         path, filesystem=fs, columns=["ordinal", "status", "sha256"], file_extensions=["parquet"]
     )

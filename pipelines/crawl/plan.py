@@ -1,10 +1,17 @@
-"""The crawl plan: the ordered input rows, numbered and cut into shards, written once as Parquet.
+"""The crawl plan: the ordered input rows, numbered and cut into shards.
 
-`{output}/_plan/part-NNNNNN.parquet` hold the input rows in crawl order with two more columns: `ordinal`
-(position in the whole input) and `shard` (`ordinal // samples_per_shard`); `_plan/_plan.json` lists the
-parts (name, first ordinal, rows) and is written last, so it is the plan's commit. A shard worker reads
-only its shard's rows (at most two row groups of one or two parts). A rerun reuses the plan when its
-fingerprint (content settings + input listing) matches, and refuses otherwise, naming what differs.
+`_plan/_plan.json` lists the plan's parts (file, first ordinal, rows) in crawl order and is written last,
+so it is the plan's commit. A row's `ordinal` is its position in the whole input and its shard is
+`ordinal // samples_per_shard`; a shard worker reads only its shard's rows (`read_pieces`: the row groups
+that hold them) and numbers them. Two ways to make the parts:
+- a Parquet input (a file, or a folder of .parquet files) is its own plan: the parts are the input files
+  themselves, counted from their footers in the driver; nothing is read or rewritten (a billion-row input
+  costs one footer read per file). Used when no row group is larger than `DIRECT_MAX_GROUP_ROWS`, so a
+  shard never reads much more than its rows;
+- any other input (CSV, JSON lines, a Ray Dataset such as the curation's output) is written once by Ray
+  Data tasks as `_plan/part-NNNNNN.parquet`, in the dataset's order, with row groups of one shard.
+A rerun reuses the plan when its fingerprint (content settings + input listing) matches, and refuses
+otherwise, naming what differs.
 
 Naming (`Layout`) is img2dataset's convention: shard `g` is a slice of the input, so it holds at most
 `samples_per_shard` samples, and a sample's key is `{shard name}{ordinal % samples_per_shard}`.
@@ -15,11 +22,15 @@ from __future__ import annotations
 import bisect
 import functools
 import io
+import itertools
+import os
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
@@ -30,6 +41,10 @@ PLAN_DIR = "_plan"
 PLAN_FILE = "_plan.json"
 PLAN_COLUMNS = ("ordinal", "shard")
 WRITES_IN_FLIGHT = 16  # plan-part writes the driver keeps in flight while the input streams
+# A Parquet input whose row groups are all at most this many rows is its own plan (module doc): a shard
+# then reads at most one such group more than its rows.
+DIRECT_MAX_GROUP_ROWS = 256 * 1024
+FOOTER_READS_IN_FLIGHT = 32
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,8 @@ class Plan:
     uri: str  # the plan folder
     samples_per_shard: int
     num_input: int = 0
-    parts: list[tuple[str, int, int]] = field(default_factory=list)  # (file name, first ordinal, rows)
+    # (file, first ordinal, rows): a name inside the plan folder, or the full URI of an input file
+    parts: list[tuple[str, int, int]] = field(default_factory=list)
 
     @property
     def layout(self) -> Layout:
@@ -77,10 +93,13 @@ class Plan:
             name, first, rows = self.parts[i]
             take = min(end, first + rows) - start
             if take > 0:
-                out.append((storage.join(self.uri, name), start - first, take))
+                out.append((self._part_uri(name), start - first, take))
                 start += take
             i += 1
         return out
+
+    def _part_uri(self, name: str) -> str:
+        return name if storage.is_s3(name) or name.startswith("/") else storage.join(self.uri, name)
 
     @functools.cached_property
     def _firsts(self) -> list[int]:  # first ordinal of each part (read once the plan is complete)
@@ -113,9 +132,7 @@ def reusable_plan(out_uri: str, fp: Mapping[str, Any]) -> Plan | None:
 
 def _part_bytes(table: pa.Table, first: int, samples_per_shard: int) -> bytes:
     table = table.drop_columns([c for c in PLAN_COLUMNS if c in table.column_names])
-    ordinal = pa.array(range(first, first + table.num_rows), type=pa.int64())
-    shard = pa.array([o // samples_per_shard for o in range(first, first + table.num_rows)], type=pa.int64())
-    table = table.append_column("ordinal", ordinal).append_column("shard", shard)
+    table = with_ordinals(table, first, samples_per_shard)
     buf = io.BytesIO()
     # Row groups of one shard's size: a shard's slice touches at most two of them.
     pq.write_table(table, buf, row_group_size=samples_per_shard)
@@ -154,20 +171,77 @@ def write_plan(
             done, pending = ray.wait(pending, num_returns=1)
             ray.get(done)
     ray.get(pending)
-    storage.write_json(storage.join(uri, PLAN_FILE), plan.to_dict())
-    write_fingerprint(uri, fp)
-    return plan
+    return commit_plan(plan, fp)
 
 
-def read_pieces(pieces: list[tuple[str, int, int]]) -> pa.Table:
-    """One shard's plan rows (in a worker): only the row groups that hold them are read."""
+def read_pieces(pieces: list[tuple[str, int, int]], first_ordinal: int, samples_per_shard: int) -> pa.Table:
+    """One shard's rows (in a worker), numbered from `first_ordinal`: only the row groups of each piece's
+    file that hold its rows are read."""
     tables = []
     for uri, start, rows in pieces:
         fs, path = storage.resolve(uri)
         with fs.open_input_file(path) as f:
             pf = pq.ParquetFile(f)
-            group_rows = pf.metadata.row_group(0).num_rows
-            first, last = start // group_rows, (start + rows - 1) // group_rows
+            ends = list(
+                itertools.accumulate(pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups))
+            )
+            first = bisect.bisect_right(ends, start)
+            last = bisect.bisect_right(ends, start + rows - 1)
             table = pf.read_row_groups(list(range(first, last + 1)))
-        tables.append(table.slice(start - first * group_rows, rows))
-    return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+        offset = start - (ends[first - 1] if first else 0)
+        table = table.slice(offset, rows)
+        tables.append(table.drop_columns([c for c in PLAN_COLUMNS if c in table.column_names]))
+    table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    return with_ordinals(table, first_ordinal, samples_per_shard)
+
+
+def with_ordinals(table: pa.Table, first: int, samples_per_shard: int) -> pa.Table:
+    """`table` with `ordinal` (first, first + 1, ...) and `shard` (ordinal // samples_per_shard) appended."""
+    ordinals = range(first, first + table.num_rows)
+    table = table.append_column("ordinal", pa.array(ordinals, type=pa.int64()))
+    return table.append_column("shard", pa.array([o // samples_per_shard for o in ordinals], type=pa.int64()))
+
+
+def parquet_inputs(uri: str) -> list[str] | None:
+    """The full URIs of a Parquet input's files in plan order (a file, or a folder's .parquet files sorted
+    by path, names starting with _ or . left out); None when the input is not only Parquet."""
+    fs, path = storage.resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        infos = [i for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(("_", "."))]
+    if not infos or not all(i.path.endswith(".parquet") for i in infos):
+        return None
+    return sorted(f"s3://{i.path}" if storage.is_s3(uri) else os.path.abspath(i.path) for i in infos)
+
+
+def _row_groups(uri: str) -> list[int]:
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        meta = pq.ParquetFile(f).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def direct_plan(files: list[str], out_uri: str, samples_per_shard: int, fp: Mapping[str, Any]) -> Plan | None:
+    """Parquet input files (`parquet_inputs`) as their own plan (module doc), committed; None when one has
+    a row group larger than `DIRECT_MAX_GROUP_ROWS` (then `write_plan` rewrites the input)."""
+    with ThreadPoolExecutor(FOOTER_READS_IN_FLIGHT) as pool:
+        groups = list(pool.map(_row_groups, files))
+    if any(rows > DIRECT_MAX_GROUP_ROWS for g in groups for rows in g):
+        return None
+    plan = Plan(plan_uri(out_uri), samples_per_shard)
+    for file, rows in zip(files, (sum(g) for g in groups)):
+        if rows:
+            plan.parts.append((file, plan.num_input, rows))
+            plan.num_input += rows
+    return commit_plan(plan, fp)
+
+
+def commit_plan(plan: Plan, fp: Mapping[str, Any]) -> Plan:
+    """Write `_plan.json` (the plan's commit) and the fingerprint it was made from."""
+    storage.makedirs(plan.uri)
+    storage.write_json(storage.join(plan.uri, PLAN_FILE), plan.to_dict())
+    write_fingerprint(plan.uri, fp)
+    return plan

@@ -98,9 +98,12 @@ class ShardWorker:
         await self.ready()
         name = self.layout.shard_name(shard)
         faults.maybe_fail("crawl_shard", name)
-        table = await asyncio.to_thread(read_pieces, pieces)
+        table = await asyncio.to_thread(self._read, shard, pieces)
         crawled = await crawl_table(self.crawler, table, self.batch_size)
         return await asyncio.to_thread(self._commit, name, crawled)
+
+    def _read(self, shard: int, pieces: list[tuple[str, int, int]]) -> pa.Table:
+        return read_pieces(pieces, shard * self.layout.samples_per_shard, self.layout.samples_per_shard)
 
     def _commit(self, name: str, crawled: pa.Table) -> dict[str, Any]:
         rows = shard_files.rows_table(crawled)
@@ -114,7 +117,7 @@ class ShardWorker:
         rows = await asyncio.to_thread(shard_files.read_rows, self.out_uri, name)
         failed = [o for o, s in zip(rows.column("ordinal").to_pylist(), rows.column("status").to_pylist())
                   if shard_files.is_transient(s)]  # fmt: skip
-        table = await asyncio.to_thread(read_pieces, pieces)
+        table = await asyncio.to_thread(self._read, shard, pieces)
         todo = table.filter(pc.is_in(table.column("ordinal"), value_set=pa.array(failed, pa.int64())))
         crawled = await crawl_table(self.crawler, todo, self.batch_size)
         return await asyncio.to_thread(self._merge, name, rows, crawled)
