@@ -2,7 +2,8 @@
 
 The driver holds the plan (parts and row counts), the names of committed shards (by listing) and counts;
 every row, image and hash stays in tasks and files:
-1. plan (pipelines/crawl/plan.py): the input numbered in order and cut into shards, written once;
+1. plan (pipelines/crawl/plan.py): the input numbered in order and cut into shards (a Parquet input is
+   its own plan; any other is written once);
 2. shard workers (worker.py, dispatch.py): each crawls, checks and writes whole shards and returns a small
    record; a rerun crawls only the shards without a manifest;
 3. retry pass (`crawl.retry_failed=true`): re-fetches only the URLs that failed for a transient reason,
