@@ -137,14 +137,16 @@ class Server:
 
 class ProcessMeter:
     """Samples a changing set of processes: CPU (user + system, summed over every process seen, from
-    its time at the start or its birth) and the peak of their summed RSS."""
+    its time at the start or its birth), the peak of their summed RSS and, every `pss_every`-th sample
+    (it costs ~1 ms a process), of their summed PSS: RSS counts shared pages (Ray's object store, mapped
+    by every worker; forked children) once per process, PSS splits them among the processes."""
 
-    def __init__(self, pids: Callable[[], set[int]], interval_s: float = 0.2):
-        self.pids, self.interval_s = pids, interval_s
+    def __init__(self, pids: Callable[[], set[int]], interval_s: float = 0.2, pss_every: int = 10):
+        self.pids, self.interval_s, self.pss_every = pids, interval_s, pss_every
         self.procs: dict[int, psutil.Process] = {}
         self.start_cpu: dict[int, float] = {}
         self.last_cpu: dict[int, float] = {}
-        self.peak_rss = 0
+        self.peak_rss = self.peak_pss = self.samples = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -167,19 +169,32 @@ class ProcessMeter:
             self._sample()
 
     def _sample(self, first: bool = False) -> None:
-        rss = 0
+        rss = pss = 0
+        self.samples += 1
+        with_pss = self.samples % self.pss_every == 1
         for pid in self.pids():
             try:
                 proc = self.procs.get(pid) or self.procs.setdefault(pid, psutil.Process(pid))
                 times = proc.cpu_times()
                 cpu = times.user + times.system
                 rss += proc.memory_info().rss
-            except psutil.Error:
+                pss += proportional_set_size(pid) if with_pss else 0
+            except (psutil.Error, OSError):
                 continue
             if first:
                 self.start_cpu[pid] = cpu
             self.last_cpu[pid] = cpu
         self.peak_rss = max(self.peak_rss, rss)
+        self.peak_pss = max(self.peak_pss, pss)
+
+
+def proportional_set_size(pid: int) -> int:
+    """Bytes of the process's PSS, from /proc/<pid>/smaps_rollup."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def tree(pid: int) -> set[int]:
@@ -223,7 +238,7 @@ def run_ours(cluster: LocalRayCluster, table: str, out: str, args: argparse.Name
         raise RuntimeError(f"build_wit exited with {driver.returncode}:\n{output[-3000:]}")
     stats = json.loads(Path(out, "_stats.json").read_text())
     return {"images": stats["totals"]["kept"], "wall_s": wall, "cpu_s": meter.cpu_s,
-            "peak_mem_mb": meter.peak_rss / 2**20}  # fmt: skip
+            "peak_mem_mb": meter.peak_rss / 2**20, "peak_pss_mb": meter.peak_pss / 2**20}  # fmt: skip
 
 
 def run_img2dataset(venv: str, table: str, out: str, args: argparse.Namespace) -> dict:
@@ -250,7 +265,7 @@ def run_img2dataset(venv: str, table: str, out: str, args: argparse.Namespace) -
         raise RuntimeError(f"img2dataset exited with {proc.returncode}:\n{output[-3000:]}")
     stats = [json.loads(p.read_text()) for p in Path(out).glob("*_stats.json")]
     return {"images": sum(s["successes"] for s in stats), "wall_s": wall, "cpu_s": meter.cpu_s,
-            "peak_mem_mb": meter.peak_rss / 2**20}  # fmt: skip
+            "peak_mem_mb": meter.peak_rss / 2**20, "peak_pss_mb": meter.peak_pss / 2**20}  # fmt: skip
 
 
 def anchor_per_cpu_s(image_size: int, seconds: float = 5.0) -> float:
@@ -303,7 +318,7 @@ def report(results: dict, anchor: float, args) -> dict:
     print(f"\ncrawl job benchmark: {args.cores} cores, loopback server, short side {args.image_size}, "
           f"WebDataset shards of {args.per_shard}; anchor (our image path alone, 1 core): {anchor:.0f} img/CPU-s")  # fmt: skip
     print(f"{'variant':<8} {'engine':<12} {'images':>7} {'wall s':>7} {'cpu s':>7} {'img/s':>7} "
-          f"{'img/cpu-s':>9} {'of anchor':>9} {'peak mem MB':>12}")  # fmt: skip
+          f"{'img/cpu-s':>9} {'of anchor':>9} {'peak RSS MB':>12} {'peak PSS MB':>12}")  # fmt: skip
     ratios = {}
     for name, res in results.items():
         for engine in ("ours", "img2dataset"):
@@ -313,7 +328,7 @@ def report(results: dict, anchor: float, args) -> dict:
             r["per_s"], r["per_cpu_s"] = r["images"] / r["wall_s"], r["images"] / max(r["cpu_s"], 1e-9)
             print(f"{name:<8} {engine:<12} {r['images']:>7} {r['wall_s']:>7.1f} {r['cpu_s']:>7.1f} "
                   f"{r['per_s']:>7.1f} {r['per_cpu_s']:>9.1f} {r['per_cpu_s'] / anchor:>8.0%} "
-                  f"{r['peak_mem_mb']:>12.0f}")  # fmt: skip
+                  f"{r['peak_mem_mb']:>12.0f} {r['peak_pss_mb']:>12.0f}")  # fmt: skip
         if "img2dataset" in res:
             ours, theirs = res["ours"], res["img2dataset"]
             ratios[name] = (ours["per_s"] / theirs["per_s"], ours["per_cpu_s"] / theirs["per_cpu_s"])
@@ -327,6 +342,12 @@ def report(results: dict, anchor: float, args) -> dict:
         "ratio_latency_per_cpu_s": round(ratios["latency"][1], 3) if "latency" in ratios else None,
         "ours_images_per_cpu_s": round(results["clean"]["ours"]["per_cpu_s"], 1),
         "anchor_images_per_cpu_s": round(anchor, 1),
+        **{
+            f"{engine}_peak_{kind}_mb": round(results["clean"][engine][f"peak_{key}_mb"])
+            for engine in ("ours", "img2dataset")
+            if engine in results["clean"]
+            for kind, key in (("rss", "mem"), ("pss", "pss"))
+        },
     }
 
 

@@ -47,7 +47,9 @@ def app() -> web.Application:
         return web.Response(status=500)
 
     application = web.Application()
-    application.add_routes([web.get("/img/{i}.jpg", image), web.get("/slow/{i}.jpg", slow), web.get("/hang/{i}.jpg", hang)])
+    application.add_routes(
+        [web.get("/img/{i}.jpg", image), web.get("/slow/{i}.jpg", slow), web.get("/hang/{i}.jpg", hang)]
+    )
     return application
 
 
