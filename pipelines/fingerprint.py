@@ -29,7 +29,11 @@ def input_listing(uris: Iterable[str]) -> list[dict[str, Any]]:
     for uri in uris:
         fs, path = storage.resolve(uri)
         info = fs.get_file_info(path)
-        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True)) if info.type == pafs.FileType.Directory else [info]
+        infos = (
+            fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if info.type == pafs.FileType.Directory
+            else [info]
+        )
         for i in infos:
             if i.type == pafs.FileType.File:
                 mtime = i.mtime.timestamp() if i.mtime is not None else None

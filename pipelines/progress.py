@@ -110,6 +110,25 @@ def _count(n: int) -> str:
     return f"{n:,}"
 
 
+class StageLog:
+    """The same `[stage]` lines for a stage of our own that is not a Ray Data operator (the crawl's plan,
+    shard workers, dedupe): `beat(text)` at most once per `CLIP_PROGRESS_EVERY_S`, `done(text)` once."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.start = self.last_beat = time.monotonic()
+        self.every = float(os.environ.get(HEARTBEAT_ENV, "30"))
+
+    def beat(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self.last_beat >= self.every:
+            self.last_beat = now
+            print(f"[stage] {now - self.start:.0f} s: {self.name} {text}", flush=True)
+
+    def done(self, text: str) -> None:
+        print(f"[stage] {self.name}: done, {text}, {time.monotonic() - self.start:.1f} s", flush=True)
+
+
 try:
     from ray.data._internal.execution.execution_callback import ExecutionCallback
 except ImportError:  # pragma: no cover (an older Ray: no callbacks, bars stay off)

@@ -60,7 +60,10 @@ class Funnel:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "stages": {k: {"in": v["in"], "out": v["out"], "dropped": dict(v["dropped"])} for k, v in self.stages.items()},
+            "stages": {
+                k: {"in": v["in"], "out": v["out"], "dropped": dict(v["dropped"])}
+                for k, v in self.stages.items()
+            },
             "counters": {g: dict(c) for g, c in self.counters.items()},
         }
 

@@ -108,7 +108,9 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return []
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+    names = sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix)
+    )
     return [join(uri, n) for n in names]
 
 

@@ -32,18 +32,57 @@ TEXTURES = ("plain", "striped", "dotted", "checkered")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 TRANSLATIONS: dict[str, dict[str, str]] = {
-    "fr": {"red": "rouge", "green": "vert", "blue": "bleu", "yellow": "jaune", "purple": "violet",
-           "orange": "orange", "black": "noir", "pink": "rose", "circle": "cercle", "square": "carré",
-           "triangle": "triangle", "star": "étoile", "cross": "croix", "diamond": "losange",
-           "_template": "une photo d'un {shape} {colour} sur un fond clair"},
-    "de": {"red": "roter", "green": "grüner", "blue": "blauer", "yellow": "gelber", "purple": "violetter",
-           "orange": "oranger", "black": "schwarzer", "pink": "rosa", "circle": "Kreis", "square": "Quadrat",
-           "triangle": "Dreieck", "star": "Stern", "cross": "Kreuz", "diamond": "Raute",
-           "_template": "ein Foto von einem {colour} {shape} auf hellem Hintergrund"},
-    "es": {"red": "rojo", "green": "verde", "blue": "azul", "yellow": "amarillo", "purple": "morado",
-           "orange": "naranja", "black": "negro", "pink": "rosado", "circle": "círculo", "square": "cuadrado",
-           "triangle": "triángulo", "star": "estrella", "cross": "cruz", "diamond": "rombo",
-           "_template": "una foto de un {shape} {colour} sobre un fondo claro"},
+    "fr": {
+        "red": "rouge",
+        "green": "vert",
+        "blue": "bleu",
+        "yellow": "jaune",
+        "purple": "violet",
+        "orange": "orange",
+        "black": "noir",
+        "pink": "rose",
+        "circle": "cercle",
+        "square": "carré",
+        "triangle": "triangle",
+        "star": "étoile",
+        "cross": "croix",
+        "diamond": "losange",
+        "_template": "une photo d'un {shape} {colour} sur un fond clair",
+    },
+    "de": {
+        "red": "roter",
+        "green": "grüner",
+        "blue": "blauer",
+        "yellow": "gelber",
+        "purple": "violetter",
+        "orange": "oranger",
+        "black": "schwarzer",
+        "pink": "rosa",
+        "circle": "Kreis",
+        "square": "Quadrat",
+        "triangle": "Dreieck",
+        "star": "Stern",
+        "cross": "Kreuz",
+        "diamond": "Raute",
+        "_template": "ein Foto von einem {colour} {shape} auf hellem Hintergrund",
+    },
+    "es": {
+        "red": "rojo",
+        "green": "verde",
+        "blue": "azul",
+        "yellow": "amarillo",
+        "purple": "morado",
+        "orange": "naranja",
+        "black": "negro",
+        "pink": "rosado",
+        "circle": "círculo",
+        "square": "cuadrado",
+        "triangle": "triángulo",
+        "star": "estrella",
+        "cross": "cruz",
+        "diamond": "rombo",
+        "_template": "una foto de un {shape} {colour} sobre un fondo claro",
+    },
 }
 
 _EN_TEMPLATES = (
@@ -75,7 +114,9 @@ class Concept:
     def describe(self) -> str:
         """English noun phrase: "two striped red circles with the digit 7"."""
         texture = "" if self.texture == "plain" else f"{self.texture} "
-        noun = self.shape + ("es" if self.shape in ("cross",) and self.count > 1 else "s" if self.count > 1 else "")
+        noun = self.shape + (
+            "es" if self.shape in ("cross",) and self.count > 1 else "s" if self.count > 1 else ""
+        )
         head = f"{NUMBER_WORDS[self.count]} " if self.count > 1 else ""
         text = f"{head}{texture}{self.colour} {noun}"
         if self.digit is not None:
@@ -101,19 +142,40 @@ class SyntheticSample:
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     if shape == "triangle":
-        pts = [(math.cos(angle + k * 2 * math.pi / 3), math.sin(angle + k * 2 * math.pi / 3)) for k in range(3)]
+        pts = [
+            (math.cos(angle + k * 2 * math.pi / 3), math.sin(angle + k * 2 * math.pi / 3)) for k in range(3)
+        ]
     elif shape == "square":
-        pts = [(math.cos(angle + math.pi / 4 + k * math.pi / 2), math.sin(angle + math.pi / 4 + k * math.pi / 2)) for k in range(4)]
+        pts = [
+            (math.cos(angle + math.pi / 4 + k * math.pi / 2), math.sin(angle + math.pi / 4 + k * math.pi / 2))
+            for k in range(4)
+        ]
     elif shape == "diamond":
         pts = [(0.65 * math.cos(k * math.pi / 2), math.sin(k * math.pi / 2)) for k in range(4)]
     elif shape == "star":
         pts = [
-            ((1.0 if k % 2 == 0 else 0.45) * math.cos(angle + k * math.pi / 5), (1.0 if k % 2 == 0 else 0.45) * math.sin(angle + k * math.pi / 5))
+            (
+                (1.0 if k % 2 == 0 else 0.45) * math.cos(angle + k * math.pi / 5),
+                (1.0 if k % 2 == 0 else 0.45) * math.sin(angle + k * math.pi / 5),
+            )
             for k in range(10)
         ]
     elif shape == "cross":
         w = 0.35
-        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        pts = [
+            (-w, -1),
+            (w, -1),
+            (w, -w),
+            (1, -w),
+            (1, w),
+            (w, w),
+            (w, 1),
+            (-w, 1),
+            (-w, w),
+            (-1, w),
+            (-1, -w),
+            (-w, -w),
+        ]
     else:
         raise ValueError(f"not a polygon shape: {shape}")
     return [(cx + r * x, cy + r * y) for x, y in pts]
@@ -160,7 +222,9 @@ def render(concept: Concept, rng: random.Random, size: int = 64) -> Image.Image:
     image.paste(_texture_fill(size, jitter, concept.texture, rng), (0, 0), mask)
     if concept.digit is not None:
         font = ImageFont.load_default(size=max(8, size // 3))
-        ImageDraw.Draw(image).text((size * 0.05, size * 0.02), str(concept.digit), fill=(10, 10, 10), font=font)
+        ImageDraw.Draw(image).text(
+            (size * 0.05, size * 0.02), str(concept.digit), fill=(10, 10, 10), font=font
+        )
     # Sensor-like noise so no two images are identical even for the same concept and layout.
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, rng.uniform(3, 8), (size, size, 3))
     return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
@@ -182,7 +246,9 @@ def caption_for(concept: Concept, rng: random.Random, language: str = "en", nois
     return text
 
 
-def random_concept(rng: random.Random, concepts: Sequence[Concept] = CONCEPTS, variety: bool = True) -> Concept:
+def random_concept(
+    rng: random.Random, concepts: Sequence[Concept] = CONCEPTS, variety: bool = True
+) -> Concept:
     """A concept from `concepts`, optionally varied in count, texture and digit (the label stays the same)."""
     base = rng.choice(list(concepts))
     if not variety:
@@ -252,7 +318,9 @@ def pseudo_captions(n: int, seed: int = 0, num_words: int = 30000, max_syllables
     """Caption-like text over a Zipf-distributed pseudo-word vocabulary (~20k words), with numbers,
     punctuation, some capitals and a few non-ASCII words and HTML entities."""
     rng = random.Random(seed)
-    words = sorted({"".join(rng.choices(_SYLLABLES, k=rng.randint(1, max_syllables))) for _ in range(num_words)})
+    words = sorted(
+        {"".join(rng.choices(_SYLLABLES, k=rng.randint(1, max_syllables))) for _ in range(num_words)}
+    )
     rng.shuffle(words)
     weights = [1.0 / (rank + 1) for rank in range(len(words))]
     captions = []

@@ -31,6 +31,7 @@ from pipelines.crawl.dedupe import dedupe_and_compact
 from pipelines.crawl.dispatch import ShardPool, worker_count
 from pipelines.crawl.plan import Plan, direct_plan, parquet_inputs, reusable_plan, write_plan
 from pipelines.fingerprint import fingerprint, input_listing
+from pipelines.progress import StageLog
 from pipelines.stats import Funnel, write_stats
 
 log = logging.getLogger(__name__)
@@ -164,13 +165,21 @@ def crawl_shards(
         cfg, (cfg, out_uri, list(formats), layout), worker_count(cfg, max(len(pending), len(retry)))
     )
     try:
+        stage = StageLog("crawl")
         for record in pool.run("crawl_shard", pending, lambda g: (plan.pieces(g),)):
             counts.shards_written += 1
             counts.samples_written += record["count"]
             if cfg.retry_failed and record["transient"]:
                 retry.append(int(record["shard"]))
-        for _ in pool.run("retry_shard", sorted(set(retry)), lambda g: (plan.pieces(g),)):
-            counts.shards_retried += 1
+            stage.beat(
+                f"{counts.shards_written:,} of {len(pending):,} shards, {counts.samples_written:,} samples"
+            )
+        stage.done(f"{counts.shards_written:,} shards written, {counts.samples_written:,} samples")
+        if retry:
+            stage = StageLog("retry pass")
+            for _ in pool.run("retry_shard", sorted(set(retry)), lambda g: (plan.pieces(g),)):
+                counts.shards_retried += 1
+            stage.done(f"{counts.shards_retried:,} shards retried")
     finally:
         pool.close()
 
@@ -197,13 +206,17 @@ def build_crawl(
             base["source"] = input_listing([source])
         return {**base, **(settings() if settings else {})}
 
+    stage = StageLog("plan")
     plan = rerun_on_node_loss(lambda: ensure_plan(source, cfg, out_uri, fp_settings), "plan")
+    stage.done(f"{plan.num_input:,} rows in {plan.layout.num_shards:,} shards")
     counts = RunCounts()
     crawl_shards(plan, cfg, out_uri, formats, counts)
     if cfg.dedupe:
+        stage = StageLog("dedupe")
         counts.shards_compacted = rerun_on_node_loss(
             lambda: dedupe_and_compact(out_uri, plan.layout, formats), "dedupe"
         )
+        stage.done(f"{counts.shards_compacted:,} shards compacted")
     stats = finish(out_uri, plan, cfg, counts, time.time() - started, extra_stats() if extra_stats else {})
     return stats
 
