@@ -179,12 +179,7 @@ def build_state(run: Run) -> TrainState:
     torch.manual_seed(cfg.seed)  # every rank starts from the same weights
     clip = create_model(cfg.model, **cfg.model_overrides)
     clip.set_grad_checkpointing(cfg.grad_checkpointing)
-    if cfg.fsdp:
-        model = parallel.fully_shard_clip(FeatureModel(clip), run.device)
-    else:
-        model = ray.train.torch.prepare_model(FeatureModel(clip))
-    if cfg.compile:
-        model = torch.compile(model)
+    model = _parallel(FeatureModel(clip), run)
     betas, eps = cfg.adam_betas_eps()
     optimizer = build_optimizer(clip, cfg.lr, cfg.weight_decay, betas, eps)
     _, scaler = amp_settings(cfg.precision, run.device)
@@ -192,6 +187,19 @@ def build_state(run: Run) -> TrainState:
         clip, model, optimizer, build_scheduler(optimizer, cfg.warmup_steps, run.total_steps), scaler,
         Position.start(0, run.shard_names, run.world, run.cfg.seed),
     )  # fmt: skip
+
+
+def _parallel(model: FeatureModel, run: Run) -> torch.nn.Module:
+    """FSDP2 (then compiled whole, through its hooks) or DDP around a compiled model: compiled before the
+    DDP wrapper, whose own bookkeeping dynamo cannot trace (3 graph breaks per step when compiled outside).
+    Dynamo still sees the DDP module active and splits the graph at its gradient buckets."""
+    compile = run.cfg.compile
+    if run.cfg.fsdp:
+        model = parallel.fully_shard_clip(model, run.device)
+        return torch.compile(model, backend=run.cfg.compile_backend) if compile else model
+    if compile:
+        model = torch.compile(model, backend=run.cfg.compile_backend)
+    return ray.train.torch.prepare_model(model)
 
 
 def restore(state: TrainState, run: Run, checkpoint: ray.train.Checkpoint) -> None:
@@ -287,9 +295,22 @@ class Window:
             "data_wait_frac": wait / max(elapsed, 1e-9),
             "nonfinite_skipped": state.nonfinite,
         }
+        if run.cfg.compile:
+            metrics.update(compile_stats())
         if run.device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
         return metrics
+
+
+def compile_stats() -> dict:
+    """What torch.compile did in this process so far: graphs compiled (more than a few means recompiles)
+    and graph breaks (each one splits the model and runs the gap eagerly)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "compiled_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
 
 
 def train_step(
