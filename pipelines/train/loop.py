@@ -74,13 +74,24 @@ def check_resumable(checkpoint_model_config: dict, model_config: dict, where: st
         )
 
 
+def auto_precision(cuda_capability: tuple[int, int] | None) -> str:
+    """The precision "auto" means on a CUDA device of this compute capability (None: no GPU): bf16 from
+    Ampere (8.0) on, whose tensor cores run it natively (no loss scaling needed); fp16 + GradScaler on
+    older GPUs (V100 7.0, T4 7.5), where bf16 would only be emulated, many times slower; fp32 on CPU."""
+    if cuda_capability is None:
+        return "fp32"
+    return "bf16" if tuple(cuda_capability) >= (8, 0) else "fp16"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """ "auto": bf16 on GPUs that support it (no loss scaling needed), fp16 on older GPUs, fp32 on CPU."""
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    if device.type != "cuda":
+        return auto_precision(None)
+    if torch.version.hip:  # ROCm GPUs run bf16 natively
+        return "bf16"
+    # Not torch.cuda.is_bf16_supported(): it says True on V100/T4 too (bf16 emulation counts by default).
+    return auto_precision(torch.cuda.get_device_capability(device))
 
 
 def amp_settings(precision: str, device: torch.device):
