@@ -104,7 +104,8 @@ def test_precision_decisions_on_cuda_devices(monkeypatch, capability, precision,
     assert auto_precision(None) == "fp32"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # autocast asks
+    # autocast asks too
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     autocast, scaler = amp_settings(precision, torch.device("cuda", 0))
     context = autocast()  # built, not entered
     assert (context.device, context.fast_dtype) == ("cuda", dtype)
