@@ -57,7 +57,7 @@ def peak_flops(name: str) -> float | None:
 
 def precisions(cuda_capability: tuple[int, int] | None) -> list[str]:
     """fp16 (+ GradScaler on CUDA; fp32 on CPU) always; bf16 where it runs natively (and on CPU)."""
-    from pipelines.train.loop import auto_precision
+    from pipelines.train.precision import auto_precision
 
     if cuda_capability is None or auto_precision(cuda_capability) == "bf16":
         return ["fp16", "bf16"]
@@ -90,8 +90,8 @@ def _build(model_name: str, device: torch.device, precision: str):
 
     from clip_model import create_model
     from pipelines.train.gradcache import FeatureModel
-    from pipelines.train.loop import amp_settings
     from pipelines.train.optim import build_optimizer
+    from pipelines.train.precision import amp_settings
 
     torch.manual_seed(0)
     clip = create_model(model_name, **_overrides(model_name)).to(device)

@@ -99,7 +99,7 @@ def test_precision_decisions_on_cuda_devices(monkeypatch, capability, precision,
     """The CUDA branch of the precision choice, decided on this CPU machine: the device's capability is
     faked, and so is CUDA's presence while the autocast and GradScaler objects are built (they switch
     themselves off without CUDA), but nothing runs on a GPU."""
-    from pipelines.train.loop import amp_settings, auto_precision
+    from pipelines.train.precision import amp_settings, auto_precision
 
     assert auto_precision(None) == "fp32"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -113,7 +113,7 @@ def test_precision_decisions_on_cuda_devices(monkeypatch, capability, precision,
 
 
 def test_precision_settings_on_cpu():
-    from pipelines.train.loop import amp_settings
+    from pipelines.train.precision import amp_settings
 
     cpu = torch.device("cpu")
     autocast, scaler = amp_settings("fp16", cpu)  # no GPU: fp32, no loss scaling

@@ -13,7 +13,6 @@ per logged step. The data position is the size of the shard list (pipelines/trai
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import gzip
@@ -40,6 +39,7 @@ from pipelines.train.gradcache import FeatureModel, forward_backward
 from pipelines.train.ingest import Decoder, DecodeSettings, ShardLoader, WorkerStream, normalize
 from pipelines.train.optim import build_optimizer, build_scheduler
 from pipelines.train.position import Position
+from pipelines.train.precision import amp_settings
 from pipelines.train.zero_shot_check import ZeroShotCheck
 
 log = logging.getLogger(__name__)
@@ -72,41 +72,6 @@ def check_resumable(checkpoint_model_config: dict, model_config: dict, where: st
             f"(field: (checkpoint, this run)) {diff}. Start a new run (another name or storage_path) or "
             "configure the same model."
         )
-
-
-def auto_precision(cuda_capability: tuple[int, int] | None) -> str:
-    """The precision "auto" means on a CUDA device of this compute capability (None: no GPU): bf16 from
-    Ampere (8.0) on, whose tensor cores run it natively (no loss scaling needed); fp16 + GradScaler on
-    older GPUs (V100 7.0, T4 7.5), where bf16 would only be emulated, many times slower; fp32 on CPU."""
-    if cuda_capability is None:
-        return "fp32"
-    return "bf16" if tuple(cuda_capability) >= (8, 0) else "fp16"
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return auto_precision(None)
-    if torch.version.hip:  # ROCm GPUs run bf16 natively
-        return "bf16"
-    # Not torch.cuda.is_bf16_supported(): it says True on V100/T4 too (bf16 emulation counts by default).
-    return auto_precision(torch.cuda.get_device_capability(device))
-
-
-def amp_settings(precision: str, device: torch.device):
-    """(autocast factory, GradScaler). fp16 autocast + loss scaling on CUDA; bf16 anywhere; fp16 requested
-    on CPU falls back to fp32 (CPU fp16 matmuls are slow and unscaled gradients underflow)."""
-    precision = resolve_precision(precision, device)
-    if precision == "bf16":
-        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), torch.amp.GradScaler(
-            enabled=False
-        )
-    if precision == "fp16" and device.type == "cuda":
-        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
-    if precision == "fp16":
-        log.warning("precision fp16 needs a GPU; training in fp32 on %s", device)
-    return contextlib.nullcontext, torch.amp.GradScaler(enabled=False)
 
 
 def merges_for_checkpoint(path: str) -> bytes:
