@@ -39,7 +39,7 @@ from pipelines.train.gradcache import FeatureModel, forward_backward
 from pipelines.train.ingest import Decoder, DecodeSettings, ShardLoader, WorkerStream, normalize
 from pipelines.train.optim import build_optimizer, build_scheduler
 from pipelines.train.position import Position
-from pipelines.train.precision import amp_settings
+from pipelines.train.precision import amp_settings, resolve_precision
 from pipelines.train.zero_shot_check import ZeroShotCheck
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,9 @@ def build_run(loop_config: dict) -> Run:
         if zero_shot.skipped:
             log.warning("zero-shot check: %d unreadable image(s) skipped", zero_shot.skipped)
     autocast, _ = amp_settings(cfg.precision, device)
+    if rank == 0:
+        log.info("training on %d x %s, precision %s (configured: %s), compile %s", world, device,
+                 resolve_precision(cfg.precision, device), cfg.precision, cfg.compile and cfg.compile_backend)  # fmt: skip
     return Run(cfg, rank, world, device, loop_config["total_steps"], loop_config["shard_uris"],
                loop_config["num_rows"], autocast, merges_for_checkpoint(merges_path) if rank == 0 else b"",
                decode, zero_shot)  # fmt: skip
