@@ -169,13 +169,15 @@ def build_state(run: Run) -> TrainState:
 
 
 def _parallel(model: FeatureModel, run: Run) -> torch.nn.Module:
-    """FSDP2 (then compiled whole, through its hooks) or DDP around a compiled model: compiled before the
-    DDP wrapper, whose own bookkeeping dynamo cannot trace (3 graph breaks per step when compiled outside).
+    """FSDP2 (each block then compiled on its own) or DDP around a compiled model: compiled before the DDP
+    wrapper, whose own bookkeeping dynamo cannot trace (3 graph breaks per step when compiled outside).
     Dynamo still sees the DDP module active and splits the graph at its gradient buckets."""
     compile = run.cfg.compile
     if run.cfg.fsdp:
         model = parallel.fully_shard_clip(model, run.device)
-        return torch.compile(model, backend=run.cfg.compile_backend) if compile else model
+        if compile:
+            parallel.compile_units(model.clip, run.cfg.compile_backend)
+        return model
     if compile:
         model = torch.compile(model, backend=run.cfg.compile_backend)
     return ray.train.torch.prepare_model(model)
