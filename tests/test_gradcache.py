@@ -85,8 +85,35 @@ def test_warmup_then_cosine():
     assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
 
 
+@pytest.mark.parametrize(
+    "capability, precision, dtype, scaled",
+    [
+        ((9, 0), "auto", torch.bfloat16, False),  # H100/H200: bf16, no loss scaling
+        ((8, 0), "auto", torch.bfloat16, False),  # A100
+        ((7, 0), "auto", torch.float16, True),  # V100: bf16 only emulated -> fp16 + GradScaler
+        ((7, 5), "auto", torch.float16, True),  # T4
+        ((9, 0), "fp16", torch.float16, True),  # the paper's recipe, when asked
+    ],
+)
+def test_precision_decisions_on_cuda_devices(monkeypatch, capability, precision, dtype, scaled):
+    """The CUDA branch of the precision choice, decided on this CPU machine: the device's capability is
+    faked, and so is CUDA's presence while the autocast and GradScaler objects are built (they switch
+    themselves off without CUDA), but nothing runs on a GPU."""
+    from pipelines.train.precision import amp_settings, auto_precision
+
+    assert auto_precision(None) == "fp32"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # autocast asks too
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    autocast, scaler = amp_settings(precision, torch.device("cuda", 0))
+    context = autocast()  # built, not entered
+    assert (context.device, context.fast_dtype) == ("cuda", dtype)
+    assert scaler.is_enabled() == scaled
+
+
 def test_precision_settings_on_cpu():
-    from pipelines.train.loop import amp_settings
+    from pipelines.train.precision import amp_settings
 
     cpu = torch.device("cpu")
     autocast, scaler = amp_settings("fp16", cpu)  # no GPU: fp32, no loss scaling

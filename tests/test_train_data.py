@@ -268,16 +268,18 @@ def test_img2dataset_layout_brace_lists_and_index_resolve_for_training_and_evalu
 
 
 def test_trains_with_fsdp_on_img2dataset_shards_given_as_a_brace_list(ray_local, merges, tmp_path):
-    """img2dataset's output, named by a brace list, trained with FSDP2: each rank writes its shard of the
-    checkpoint, rank 0 the full FP16 export, and a new run resumes from it."""
+    """img2dataset's output, named by a brace list, trained with FSDP2 (blocks compiled): each rank writes its
+    shard of the checkpoint, rank 0 the full FP16 export, and a new run resumes from it."""
     img2dataset_layout(tmp_path / "img2", list(synthetic_shard_samples(48, seed=6, size=SIZE)), per_shard=12)
     cfg = TrainConfig(
         model="tiny-vit", model_overrides={"vocab_size": 600, "image_resolution": SIZE}, tokenizer_merges=merges,
         data_uri=str(tmp_path / "img2") + "/{00000..00003}.tar", batch_size=4, max_steps=2, checkpoint_every=2,
         warmup_steps=1, storage_path=str(tmp_path / "runs"), name="fsdp", log_every=1, fsdp=True,
+        compile=True, compile_backend="aot_eager",  # blocks compiled one by one (aot_eager: see test_train_loop)
     )  # fmt: skip
     result = train(cfg)
     assert result.error is None, result.error
+    assert result.metrics["compiled_graphs"] >= 1 and result.metrics["graph_breaks"] == 0, result.metrics
     checkpoint = Path(result.checkpoint.path)
     assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(checkpoint / "sharded_state"))
     fp16 = torch.load(checkpoint / "openai_fp16.pt")  # the full model, gathered on rank 0

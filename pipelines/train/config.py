@@ -50,6 +50,9 @@ class TrainConfig:
     # on CPU. fp16 needs a GPU (on CPU it falls back to fp32); bf16 works on CPU too.
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     compile: bool = False  # torch.compile the model
+    # torch.compile's backend: "inductor" (generated kernels: the fast one), or e.g. "aot_eager" (the same
+    # graph capture and autograd split without code generation: seconds to compile instead of minutes on CPU).
+    compile_backend: str = "inductor"
     fsdp: bool = False  # FSDP2 (sharded weights/optimizer, sharded checkpoints) instead of DDP
     max_logit_scale: float = 100.0
 
@@ -91,6 +94,8 @@ class TrainConfig:
             problems.append("shards_in_flight, decode_ahead and decode_batch_size must be >= 1")
         if self.epochs < 1 and self.max_steps < 1:
             problems.append("set epochs >= 1 or max_steps >= 1")
+        if self.compile and not _known_backend(self.compile_backend):
+            problems.append(f"compile_backend {self.compile_backend!r} is not a torch.compile backend")
         if problems:
             raise ValueError("Invalid TrainConfig: " + "; ".join(problems))
 
@@ -103,3 +108,14 @@ class TrainConfig:
         beta2 = self.beta2 if self.beta2 is not None else (0.999 if resnet else 0.98)
         eps = self.eps if self.eps is not None else (1e-8 if resnet else 1e-6)
         return (self.beta1, beta2), eps
+
+
+def _known_backend(name: str) -> bool:
+    from torch._dynamo.backends.registry import lookup_backend
+    from torch._dynamo.exc import InvalidBackend
+
+    try:
+        lookup_backend(name)
+    except InvalidBackend:
+        return False
+    return True

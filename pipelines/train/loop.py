@@ -13,7 +13,6 @@ per logged step. The data position is the size of the shard list (pipelines/trai
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import gzip
@@ -40,6 +39,7 @@ from pipelines.train.gradcache import FeatureModel, forward_backward
 from pipelines.train.ingest import Decoder, DecodeSettings, ShardLoader, WorkerStream, normalize
 from pipelines.train.optim import build_optimizer, build_scheduler
 from pipelines.train.position import Position
+from pipelines.train.precision import amp_settings, resolve_precision
 from pipelines.train.zero_shot_check import ZeroShotCheck
 
 log = logging.getLogger(__name__)
@@ -72,30 +72,6 @@ def check_resumable(checkpoint_model_config: dict, model_config: dict, where: st
             f"(field: (checkpoint, this run)) {diff}. Start a new run (another name or storage_path) or "
             "configure the same model."
         )
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """ "auto": bf16 on GPUs that support it (no loss scaling needed), fp16 on older GPUs, fp32 on CPU."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def amp_settings(precision: str, device: torch.device):
-    """(autocast factory, GradScaler). fp16 autocast + loss scaling on CUDA; bf16 anywhere; fp16 requested
-    on CPU falls back to fp32 (CPU fp16 matmuls are slow and unscaled gradients underflow)."""
-    precision = resolve_precision(precision, device)
-    if precision == "bf16":
-        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), torch.amp.GradScaler(
-            enabled=False
-        )
-    if precision == "fp16" and device.type == "cuda":
-        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
-    if precision == "fp16":
-        log.warning("precision fp16 needs a GPU; training in fp32 on %s", device)
-    return contextlib.nullcontext, torch.amp.GradScaler(enabled=False)
 
 
 def merges_for_checkpoint(path: str) -> bytes:
@@ -169,6 +145,9 @@ def build_run(loop_config: dict) -> Run:
         if zero_shot.skipped:
             log.warning("zero-shot check: %d unreadable image(s) skipped", zero_shot.skipped)
     autocast, _ = amp_settings(cfg.precision, device)
+    if rank == 0:
+        log.info("training on %d x %s, precision %s (configured: %s), compile %s", world, device,
+                 resolve_precision(cfg.precision, device), cfg.precision, cfg.compile and cfg.compile_backend)  # fmt: skip
     return Run(cfg, rank, world, device, loop_config["total_steps"], loop_config["shard_uris"],
                loop_config["num_rows"], autocast, merges_for_checkpoint(merges_path) if rank == 0 else b"",
                decode, zero_shot)  # fmt: skip
@@ -179,12 +158,7 @@ def build_state(run: Run) -> TrainState:
     torch.manual_seed(cfg.seed)  # every rank starts from the same weights
     clip = create_model(cfg.model, **cfg.model_overrides)
     clip.set_grad_checkpointing(cfg.grad_checkpointing)
-    if cfg.fsdp:
-        model = parallel.fully_shard_clip(FeatureModel(clip), run.device)
-    else:
-        model = ray.train.torch.prepare_model(FeatureModel(clip))
-    if cfg.compile:
-        model = torch.compile(model)
+    model = _parallel(FeatureModel(clip), run)
     betas, eps = cfg.adam_betas_eps()
     optimizer = build_optimizer(clip, cfg.lr, cfg.weight_decay, betas, eps)
     _, scaler = amp_settings(cfg.precision, run.device)
@@ -192,6 +166,21 @@ def build_state(run: Run) -> TrainState:
         clip, model, optimizer, build_scheduler(optimizer, cfg.warmup_steps, run.total_steps), scaler,
         Position.start(0, run.shard_names, run.world, run.cfg.seed),
     )  # fmt: skip
+
+
+def _parallel(model: FeatureModel, run: Run) -> torch.nn.Module:
+    """FSDP2 (each block then compiled on its own) or DDP around a compiled model: compiled before the DDP
+    wrapper, whose own bookkeeping dynamo cannot trace (3 graph breaks per step when compiled outside).
+    Dynamo still sees the DDP module active and splits the graph at its gradient buckets."""
+    compile = run.cfg.compile
+    if run.cfg.fsdp:
+        model = parallel.fully_shard_clip(model, run.device)
+        if compile:
+            parallel.compile_units(model.clip, run.cfg.compile_backend)
+        return model
+    if compile:
+        model = torch.compile(model, backend=run.cfg.compile_backend)
+    return ray.train.torch.prepare_model(model)
 
 
 def restore(state: TrainState, run: Run, checkpoint: ray.train.Checkpoint) -> None:
@@ -287,9 +276,22 @@ class Window:
             "data_wait_frac": wait / max(elapsed, 1e-9),
             "nonfinite_skipped": state.nonfinite,
         }
+        if run.cfg.compile:
+            metrics.update(compile_stats())
         if run.device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
         return metrics
+
+
+def compile_stats() -> dict:
+    """What torch.compile did in this process so far: graphs compiled (more than a few means recompiles)
+    and graph breaks (each one splits the model and runs the gap eagerly)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "compiled_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
 
 
 def train_step(

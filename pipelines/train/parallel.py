@@ -41,6 +41,13 @@ def fully_shard_clip(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def compile_units(clip: nn.Module, backend: str) -> None:
+    """torch.compile each FSDP unit in place (state-dict keys unchanged). Compiling the whole sharded model
+    instead would break its graph at every unit's all-gather hook (5 breaks, 8 graphs for tiny-vit)."""
+    for unit in _units(clip):
+        unit.compile(backend=backend)
+
+
 def reduce_replicated_grads(clip: nn.Module) -> None:
     """Average the replicated logit scale's gradient over ranks (one tiny all-reduce)."""
     grad = clip.logit_scale.grad

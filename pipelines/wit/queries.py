@@ -34,11 +34,9 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
@@ -46,8 +44,7 @@ from pipelines.stats import Funnel, write_stats
 from pipelines.wit.io import expand_inputs
 from pipelines.wit.pageviews import PageviewFile, strip_disambiguation
 from pipelines.wit.pmi import BigramPMI, select_kind, unigram_total
-from pipelines.wit.raydata import execution, files_dataset
-from pipelines.wit.tally import is_tally_key, keyed_funnel
+from pipelines.wit.raydata import execution, sum_over_files
 from pipelines.wit.wikipedia import CountWikiFile
 from pipelines.wit.wordnet import read_wordnet_lemmas
 
@@ -128,37 +125,13 @@ def build_query_list(cfg: QueryConfig) -> pd.DataFrame:
         return _build_query_list(cfg)
 
 
-def _sum_by_key(ds: Any, key: str, value: str, num_partitions: int) -> tuple[Any, Funnel]:
-    """(`ds` summed by `key` without the tally keys, lazily; the funnel the tally keys carried)."""
-    summed = (
-        ds.groupby(key, num_partitions=num_partitions).sum(value).rename_columns({f"sum({value})": value})
-    )
-    summed = summed.materialize()
-    tallies = summed.map_batches(_tally_rows, fn_kwargs={"key": key}, batch_format="pyarrow").to_pandas()
-    funnel = keyed_funnel(list(tallies[key]), list(tallies[value])) if len(tallies) else Funnel()
-    return summed.map_batches(
-        _tally_rows, fn_kwargs={"key": key, "keep": False}, batch_format="pyarrow"
-    ), funnel
-
-
-def _tally_rows(batch: pa.Table, key: str, keep: bool = True) -> pa.Table:
-    mask = is_tally_key(batch.column(key))
-    return batch.filter(mask if keep else pc.invert(mask))
-
-
 def _wikipedia_candidates(cfg: QueryConfig, files: list[str], funnel: Funnel) -> list[pd.DataFrame]:
     """Unigram and bigram (PMI) candidates from the dumps; the counting's funnel goes into `funnel`."""
     import ray
     from ray.data.expressions import col
 
-    counted = files_dataset(files).map_batches(
-        CountWikiFile,
-        fn_constructor_kwargs={"pages_per_batch": cfg.pages_per_batch},
-        batch_size=1,
-        batch_format="numpy",
-        concurrency=(1, max(1, len(files))),
-    )
-    counts, tallies = _sum_by_key(counted, "key", "count", cfg.num_partitions)
+    counter = {"pages_per_batch": cfg.pages_per_batch}
+    counts, tallies = sum_over_files(files, CountWikiFile, counter, "key", "count", cfg.num_partitions)
     funnel.merge(tallies)
     # Only thresholded rows reach the driver: unigrams frequent enough to be in a kept bigram
     # (count >= min(min_word_count, min_bigram_count), ~1M words for all of Wikipedia) and the bigrams
@@ -199,14 +172,8 @@ def _wikipedia_candidates(cfg: QueryConfig, files: list[str], funnel: Funnel) ->
 def _title_candidates(cfg: QueryConfig, files: list[str], funnel: Funnel) -> pd.DataFrame:
     from ray.data.expressions import col
 
-    viewed = files_dataset(files).map_batches(
-        PageviewFile,
-        fn_constructor_kwargs={"projects": cfg.pageview_projects},
-        batch_size=1,
-        batch_format="numpy",
-        concurrency=(1, max(1, len(files))),
-    )
-    views, tallies = _sum_by_key(viewed, "title", "views", cfg.num_partitions)
+    counter = {"projects": cfg.pageview_projects}
+    views, tallies = sum_over_files(files, PageviewFile, counter, "title", "views", cfg.num_partitions)
     funnel.merge(tallies)
     views = views.filter(expr=col("views") >= int(cfg.min_page_views)).to_pandas()
     titles = [strip_disambiguation(t) for t in views["title"]]
