@@ -82,13 +82,9 @@ def trained_run(ray_local, merges, tmp_path_factory):
         zero_shot_templates=str(root / "prompts.txt"),
     )
     result = train(cfg)
-    assert result.error is None, result.error
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(f"{d}/state.pt", weights_only=False)
-        fp16 = clip_model.load(f"{d}/openai_fp16.pt")
-        with open(f"{d}/metrics.csv") as f:
-            metrics = list(csv.DictReader(f))
-        assert Tokenizer(f"{d}/tokenizer.txt.gz").bpe_ranks == tok.bpe_ranks  # checkpoint is self-contained
+    state, exported, metrics, ranks = finished_checkpoint(result)
+    fp16 = clip_model.load(exported)
+    assert ranks == tok.bpe_ranks  # the checkpoint is self-contained
     model = create_model(cfg.model, **cfg.model_overrides)
     model.load_state_dict(state["model"])
     return {
@@ -99,6 +95,18 @@ def trained_run(ray_local, merges, tmp_path_factory):
         "fp16": fp16,
         "metrics": metrics,
     }
+
+
+def finished_checkpoint(result) -> tuple[dict, dict, list[dict], dict]:
+    """A successful run's last checkpoint: state.pt, openai_fp16.pt (a state dict), metrics.csv rows and
+    the BPE ranks of its tokenizer.txt.gz."""
+    assert result.error is None, result.error
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(f"{d}/state.pt", weights_only=False)
+        exported = torch.load(f"{d}/openai_fp16.pt")
+        with open(f"{d}/metrics.csv") as f:
+            metrics = list(csv.DictReader(f))
+        return state, exported, metrics, Tokenizer(f"{d}/tokenizer.txt.gz").bpe_ranks
 
 
 def test_run_learns_and_zero_shot_is_far_above_chance(trained_run, merges):
@@ -238,13 +246,7 @@ def test_compiled_model_trains_and_saves_an_uncompiled_checkpoint(ray_local, mer
     )  # fmt: skip
     with pytest.raises(ValueError, match="compile_backend 'nope' is not a torch.compile backend"):
         dataclasses.replace(cfg, compile_backend="nope")
-    result = train(cfg)
-    assert result.error is None, result.error
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(f"{d}/state.pt", weights_only=False)
-        exported = torch.load(f"{d}/openai_fp16.pt")
-        with open(f"{d}/metrics.csv") as f:
-            logged = list(csv.DictReader(f))
+    state, exported, logged, _ = finished_checkpoint(train(cfg))
     assert [int(r["step"]) for r in logged] == [1, 2, 3]
     assert all(math.isfinite(float(r["loss"])) for r in logged)
     # The steps ran through compiled graphs (dynamo's counters in rank 0's process), the whole model in one.
