@@ -58,7 +58,6 @@ def fetch_config(**kw) -> FetchConfig:
 IMAGE = ImageConfig(image_size=32, min_size=16)
 
 
-
 def crawl_worker(cfg):
     """A Ray actor class holding one CrawlStage (a crawl worker of its own process)."""
     import ray
@@ -72,6 +71,7 @@ def crawl_worker(cfg):
             return self.stage(pa.table({"url": urls})).column("status").to_pylist()
 
     return Worker
+
 
 def test_four_workers_share_one_hosts_budget(ray_local, server):
     ray = ray_local
@@ -183,6 +183,30 @@ def test_expired_leases_are_reclaimed():
         assert grant.action == "go" and 0.15 <= time.monotonic() - started < 1.5
 
     asyncio.run(main())
+
+
+def test_budget_held_by_the_driver_outlives_its_workers(ray_local, server):
+    """The build's driver owns the budget actors: a worker that used them dies, they stay (same actors,
+    same state), and the next worker finds them by name."""
+    from pipelines.crawl.hosts import hold_budget_actors
+
+    ray = ray_local
+    url = server.put_file("held.jpg", rendered_images(1, size=48)[0][0])
+    cfg = fetch_config(budget="cluster", budget_scope="test-held", per_host_rate=0)
+    held = hold_budget_actors(cfg.host_rules())
+    Worker = crawl_worker(cfg)
+    first = Worker.remote()
+    assert ray.get(first.crawl.remote([f"{url}?a"])) == [None]
+    ray.kill(first)
+    time.sleep(1)
+    rules = cfg.host_rules()
+    names = [f"host-budget-{rules.scope}-{rules.digest()}-{i}" for i in range(rules.shards)]
+    assert [ray.get_actor(n)._actor_id for n in names] == [a._actor_id for a in held]
+    second = Worker.remote()
+    assert ray.get(second.crawl.remote([f"{url}?b"])) == [None]
+    ray.kill(second)
+    for actor in held:
+        ray.kill(actor)
 
 
 def test_budget_survives_the_worker_that_made_it(ray_local, server):

@@ -29,6 +29,7 @@ from pipelines.crawl import aggregate
 from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.dedupe import dedupe_and_compact
 from pipelines.crawl.dispatch import ShardPool, worker_count
+from pipelines.crawl.hosts import hold_budget_actors
 from pipelines.crawl.plan import Plan, direct_plan, parquet_inputs, reusable_plan, write_plan
 from pipelines.fingerprint import fingerprint, input_listing
 from pipelines.progress import StageLog
@@ -161,6 +162,7 @@ def crawl_shards(
         retry = [int(n) for n in aggregate.summarise(out_uri)[2]]  # committed earlier, failures to retry
     if not pending and not retry:
         return
+    budgets = hold_budget_actors(cfg.fetch.host_rules()) if cfg.fetch.budget != "local" else []
     pool = ShardPool(
         cfg, (cfg, out_uri, list(formats), layout), worker_count(cfg, max(len(pending), len(retry)))
     )
@@ -182,6 +184,7 @@ def crawl_shards(
             stage.done(f"{counts.shards_retried:,} shards retried")
     finally:
         pool.close()
+        del budgets  # the crawl is over: the actors may go
 
 
 def build_crawl(

@@ -7,8 +7,9 @@ shard for a popular host, millions of tiny ones for the tail, and a shard order 
 follows the plan). A service keeps shards as they are and only decides *when* a request may start.
 
 So each site (scheme://host:port) has one owner: `HostBudget` shard `crc32(site) % budget_shards`,
-an async Ray actor named after the crawl's `budget_scope` and a digest of its rules, created by the
-first worker that asks (`get_if_exists`) so the caller passes nothing. Before each request a worker
+an async Ray actor named after the crawl's `budget_scope` and a digest of its rules. The build's driver
+creates them (`hold_budget_actors`), so they live as long as the crawl whatever worker dies; a worker
+finds them by name (`get_if_exists`: a crawl stage used without a build makes them itself). Before each request a worker
 awaits `acquire(site, url)`; the answer is a `Grant`:
 - "go" after `delay_s`: the request may start (a concurrency lease is held until `release`, and the
   start time is spaced by the site's rate, capped by its robots.txt Crawl-delay);
@@ -386,3 +387,10 @@ def budget_actor(rules: HostRules, index: int) -> Any:
         max_concurrency=100_000,  # every waiting acquire is one coroutine
         max_restarts=-1,
     ).remote(rules)
+
+
+def hold_budget_actors(rules: HostRules) -> list[Any]:
+    """Every budget shard of `rules`, created (or found) by the caller, which then owns them: the build's
+    driver calls this so that a worker's death (which ends the actors that worker created) never takes
+    a site's leases, back-off and robots.txt with it. Keep the list for as long as the crawl runs."""
+    return [budget_actor(rules, index) for index in range(rules.shards)]
