@@ -135,16 +135,16 @@ class _Cache(dict):
             self.update(self._fixed)
         self.update(items)
 
-    def ids(self, keys: list[str], learn: Callable[[set[str]], dict[str, bytes]]) -> bytes:
-        """The packed ids of these keys, concatenated; the keys not cached are computed by one call of
-        ``learn`` (on the set of them, so each once) and cached. No Python work per known key: a lookup pass,
-        a scan for misses and a bytes join, all in C."""
+    def lookup(self, keys: list[str], learn: Callable[[set[str]], dict[str, bytes]]) -> list[bytes]:
+        """The packed ids of each key; the keys not cached are computed by one call of ``learn`` (on the set
+        of them, so each once) and cached. No Python work per known key: a lookup pass and a scan for misses,
+        in C."""
         found = list(map(self.get, keys))
         if None in found:
             learnt = learn(set(compress(keys, map(operator.is_, found, repeat(None)))))
             self.add(learnt)  # (may reset the cache: the ids already found stay right)
             found = list(map(learnt.get, keys, found))  # fill the misses from the small dict of new ids
-        return b"".join(found)
+        return found
 
 
 def _split_packed(keys: list[str], ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> dict[str, bytes]:
@@ -221,25 +221,30 @@ class Tokenizer:
 
     def _word_ids(self, words: list[str]) -> np.ndarray:
         """Ids of a sequence of pre-tokenised words; words not seen before are BPE-encoded in one call."""
-        return np.frombuffer(self._words.ids(words, self._bpe), dtype=_ID)
+        return np.frombuffer(b"".join(self._words.lookup(words, self._bpe)), dtype=_ID)
 
     def _learn(self, missing: set[str]) -> dict[str, bytes]:
-        """chunk -> packed ids for new chunks: one pre-tokeniser call per kind of text (ASCII or not) over
-        all of them, one BPE call per kind for their new words."""
+        """chunk -> packed ids for new chunks: their words found by one pre-tokeniser call per kind of text,
+        and one lookup (one BPE call for the new words) for the words of all of them."""
         missing = list(missing)
-        is_ascii = list(map(str.isascii, missing))
-        groups = [(list(compress(missing, is_ascii)), _ASCII_PATTERN)]  # same words under both patterns
-        if not all(is_ascii):
-            groups.append(([c for c, a in zip(missing, is_ascii) if not a], self._pattern))
-        learnt: dict[str, bytes] = {}
-        # Chunks are joined with the separator word; the spaces around it keep it one pre-tokeniser match.
-        for chunks, pattern in groups:
-            words = pattern.findall(f" {_SEP} ".join(chunks)) + [
-                _SEP
-            ]  # (a separator ends the last chunk too)
-            ids = self._word_ids(words)
-            seps = np.flatnonzero(ids == _SEP_ID)
-            learnt.update(_split_packed(chunks, ids, np.concatenate([[0], seps[:-1] + 1]), seps))
+        # A chunk of (lowercase) ASCII letters is one word, and the commonest new chunk: no pre-tokeniser.
+        is_word = list(map(operator.and_, map(str.isascii, missing), map(str.isalpha, missing)))
+        single = list(compress(missing, is_word))
+        rest = list(compress(missing, map(operator.not_, is_word)))
+        is_ascii = list(map(str.isascii, rest))
+        groups = [list(compress(rest, is_ascii)), list(compress(rest, map(operator.not_, is_ascii)))]
+        words = single.copy()
+        # Other chunks are joined with the separator word, the spaces around it keeping it one pre-tokeniser
+        # match; one more ends the last chunk. ASCII text has a faster pattern (same words).
+        for chunks, pattern in zip(groups, (_ASCII_PATTERN, self._pattern)):
+            if chunks:
+                words += pattern.findall(f" {_SEP} ".join(chunks))
+                words.append(_SEP)
+        found = self._words.lookup(words, self._bpe)
+        learnt = dict(zip(single, found))  # (the very bytes objects of the words)
+        ids = np.frombuffer(b"".join(found[len(single) :]), dtype=_ID)
+        seps = np.flatnonzero(ids == _SEP_ID)
+        learnt.update(_split_packed(groups[0] + groups[1], ids, np.concatenate([[0], seps[:-1] + 1]), seps))
         return learnt
 
     # --- encoding ---
@@ -261,7 +266,7 @@ class Tokenizer:
             odd = [i for i, p in enumerate(pieces) if _SEP in p]
             joined = f" {_SEP} ".join("" if _SEP in p else p for p in pieces)
         chunks = joined.split(" ")
-        flat = np.frombuffer(self._chunks.ids(chunks, self._learn), dtype=_ID).astype(np.int64)
+        flat = np.frombuffer(b"".join(self._chunks.lookup(chunks, self._learn)), dtype=_ID).astype(np.int64)
         is_sep = flat == _SEP_ID
         rows = np.cumsum(is_sep)
         keep = ~is_sep
