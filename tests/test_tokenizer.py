@@ -169,6 +169,31 @@ def test_ids_equal_reference_on_varied_corpus(tok, ref):
     assert rows.tolist() == ref.tokenize(texts)
 
 
+def test_new_words_learnt_once_per_batch_equal_reference(tok, ref):
+    """A batch's new chunks and words are BPE-encoded together (each distinct one once): a word new to the
+    batch as a chunk of its own, inside punctuated chunks and in non-ASCII chunks, repeated within the batch
+    and met again in later batches, with caches that reset in the middle of a batch."""
+    texts = [
+        "zorblat zorblat, zorblat. (zorblat) zorblat's ZORBLAT",
+        "naïve zorblat naïve, zorblat-naïve 東京 東京の zorblat 12,345",
+        "",
+        "zorblat",
+        "qwfp qwfp qwfp! 42 42% ar-st qwfp",
+    ]
+    expected = ref.tokenize(texts)
+    for cache_size in (1_000_000, 3):
+        fresh = Tokenizer(tok.merges_path, cache_size=cache_size)
+        assert fresh(texts).tolist() == expected  # one cold batch
+        assert fresh(texts[::-1]).tolist() == expected[::-1]  # the same words again, now cached (or reset)
+        assert [fresh(t).tolist()[0] for t in texts] == expected  # one text per batch
+        assert fresh.encode_batch(texts) == [ref.encode(t) for t in texts]
+    fresh = Tokenizer(tok.merges_path)
+    fresh(texts)
+    # Every distinct chunk and word is cached once; a chunk that is one ASCII word shares the word's ids.
+    assert fresh._chunks["zorblat"] is fresh._words["zorblat"]
+    assert fresh._chunks["zorblat,"] == fresh._words["zorblat"] + fresh._words[","]
+
+
 def test_special_tokens_and_padding(tok):
     out = tok(["", "a dog"])
     assert out.dtype == torch.long and out.shape == (2, 77)
