@@ -10,9 +10,10 @@ Why this one is fast (same ids, see ``benchmarks/bench_tokenizer.py``):
 - no pre-tokeniser match contains a space, so a text's ids are the ids of its space-delimited chunks:
   a batch is joined into one string and split on spaces, and each chunk's packed int32 ids are cached, so a
   batch's ids are one ``bytes.join`` (no Python int per id) and rows are padded with vectorised numpy;
-- a batch's new chunks are pre-tokenised by one regex call per kind of text (an equivalent stdlib pattern
-  for ASCII), and its new words are BPE-encoded by one call of HF ``tokenizers``' Rust BPE (OpenAI's merge
-  order); word ids live in flat numpy arrays, gathered without Python work per word.
+- a batch's new chunks (each distinct one once) are pre-tokenised by one regex call per kind of text (an
+  equivalent, faster stdlib pattern for ASCII; none for a chunk of ASCII letters, the commonest, which is one
+  word); words are cached like chunks, and the batch's new words are BPE-encoded by ONE call of HF
+  ``tokenizers``' Rust BPE (OpenAI's merge order), the only per-word cost left that is not a dict lookup.
 """
 
 from __future__ import annotations
