@@ -208,7 +208,7 @@ class Tokenizer:
             f"context_length={self.context_length}, truncate={self.truncate})"
         )
 
-    # --- cache misses: one pre-tokeniser call per kind of text, one Rust BPE call per distinct word ---
+    # --- cache misses: one pre-tokeniser call per kind of text, one Rust BPE call for all new words ---
     def _bpe(self, words: set[str]) -> dict[str, bytes]:
         """word -> packed ids for new words: one call of the Rust BPE (OpenAI's merge order) on the words
         byte-encoded and joined by spaces (no byte encodes to whitespace)."""
