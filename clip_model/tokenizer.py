@@ -185,8 +185,12 @@ class Tokenizer:
         self.sot_token = self.encoder[SOT]
         self.eot_token = self.encoder[EOT]
         self._pattern = regex.compile(_PATTERN, regex.IGNORECASE)
-        # Space-delimited chunk -> packed ids. New chunks are learnt a batch at a time (see _learn).
-        self._chunks = _Cache({"": b"", _SEP: _pack(_SEP_ID)}, cache_size)
+        # Space-delimited chunk or pre-tokenised word -> packed ids, in one cache: a word is also the chunk of
+        # just that word (the pre-tokeniser matches a word alone as one word), with the same ids, so a new
+        # chunk that is a known word is no miss, and a new one-word chunk is stored once. Literal special
+        # tokens are never split; the separator (NUL, never inside a chunk of the batch path) gets _SEP_ID.
+        fixed = {"": b"", _SEP: _pack(_SEP_ID), SOT: _pack(self.sot_token), EOT: _pack(self.eot_token)}
+        self._ids = _Cache(fixed, cache_size)
         hf = _hf_bpe(self.encoder, merges)
         self._hf_encode = getattr(
             hf, "encode_batch_fast", hf.encode_batch
@@ -194,11 +198,6 @@ class Tokenizer:
         # Byte -> its BPE symbol (a codecs charmap), but the spaces that separate words stay spaces.
         self._byte_table = "".join(" " if b == ord(" ") else self.byte_encoder[b] for b in range(256))
         self._ends_word = np.array([self.decoder[i].endswith(EOW) for i in range(len(vocab))])
-        # Word -> packed ids. Literal special tokens are never split; the separator word (NUL, never inside a
-        # chunk) gets _SEP_ID.
-        self._words = _Cache(
-            {SOT: _pack(self.sot_token), EOT: _pack(self.eot_token), _SEP: _pack(_SEP_ID)}, cache_size
-        )
         # The id NUL really has (a text holding NUL is encoded apart from its batch, see _flat_ids).
         self._nul_token = self.encoder[self.byte_encoder[ord(_SEP)] + EOW]
 
@@ -222,7 +221,7 @@ class Tokenizer:
 
     def _word_ids(self, words: list[str]) -> np.ndarray:
         """Ids of a sequence of pre-tokenised words; words not seen before are BPE-encoded in one call."""
-        return np.frombuffer(b"".join(self._words.lookup(words, self._bpe)), dtype=_ID)
+        return np.frombuffer(b"".join(self._ids.lookup(words, self._bpe)), dtype=_ID)
 
     def _learn(self, missing: set[str]) -> dict[str, bytes]:
         """chunk -> packed ids for new chunks: their words found by one pre-tokeniser call per kind of text,
@@ -241,7 +240,7 @@ class Tokenizer:
             if chunks:
                 words += pattern.findall(f" {_SEP} ".join(chunks))
                 words.append(_SEP)
-        found = self._words.lookup(words, self._bpe)
+        found = self._ids.lookup(words, self._bpe)
         learnt = dict(zip(single, found))  # (the very bytes objects of the words)
         ids = np.frombuffer(b"".join(found[len(single) :]), dtype=_ID)
         seps = np.flatnonzero(ids == _SEP_ID)
@@ -267,7 +266,7 @@ class Tokenizer:
             odd = [i for i, p in enumerate(pieces) if _SEP in p]
             joined = f" {_SEP} ".join("" if _SEP in p else p for p in pieces)
         chunks = joined.split(" ")
-        flat = np.frombuffer(b"".join(self._chunks.lookup(chunks, self._learn)), dtype=_ID).astype(np.int64)
+        flat = np.frombuffer(b"".join(self._ids.lookup(chunks, self._learn)), dtype=_ID).astype(np.int64)
         is_sep = flat == _SEP_ID
         rows = np.cumsum(is_sep)
         keep = ~is_sep

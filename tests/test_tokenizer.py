@@ -189,9 +189,9 @@ def test_new_words_learnt_once_per_batch_equal_reference(tok, ref):
         assert fresh.encode_batch(texts) == [ref.encode(t) for t in texts]
     fresh = Tokenizer(tok.merges_path)
     fresh(texts)
-    # Every distinct chunk and word is cached once; a chunk that is one ASCII word shares the word's ids.
-    assert fresh._chunks["zorblat"] is fresh._words["zorblat"]
-    assert fresh._chunks["zorblat,"] == fresh._words["zorblat"] + fresh._words[","]
+    # Chunks and words share one cache: a chunk's ids are its words' ids.
+    assert fresh._ids["zorblat,"] == fresh._ids["zorblat"] + fresh._ids[","]
+    assert fresh._ids["(zorblat)"] == fresh._ids["("] + fresh._ids["zorblat"] + fresh._ids[")"]
 
 
 def test_special_tokens_and_padding(tok):
