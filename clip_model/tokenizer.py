@@ -226,13 +226,15 @@ class Tokenizer:
     def _learn(self, missing: set[str]) -> dict[str, bytes]:
         """chunk -> packed ids for new chunks: their words found by one pre-tokeniser call per kind of text,
         and one lookup (one BPE call for the new words) for the words of all of them."""
-        missing = list(missing)
         # A chunk of (lowercase) ASCII letters is one word, and the commonest new chunk: no pre-tokeniser.
-        is_word = list(map(operator.and_, map(str.isascii, missing), map(str.isalpha, missing)))
-        single = list(compress(missing, is_word))
-        rest = list(compress(missing, map(operator.not_, is_word)))
-        is_ascii = list(map(str.isascii, rest))
-        groups = [list(compress(rest, is_ascii)), list(compress(rest, map(operator.not_, is_ascii)))]
+        single, groups = [], ([], [])  # (ASCII chunks, others)
+        for chunk in missing:  # (one plain loop beats several C-level passes over these few thousand)
+            if not chunk.isascii():
+                groups[1].append(chunk)
+            elif chunk.isalpha():
+                single.append(chunk)
+            else:
+                groups[0].append(chunk)
         words = single.copy()
         # Other chunks are joined with the separator word, the spaces around it keeping it one pre-tokeniser
         # match; one more ends the last chunk. ASCII text has a faster pattern (same words).
