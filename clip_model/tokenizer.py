@@ -12,7 +12,7 @@ Why this one is fast (same ids, see ``benchmarks/bench_tokenizer.py``):
   batch's ids are one ``bytes.join`` (no Python int per id) and rows are padded with vectorised numpy;
 - a batch's new chunks (each distinct one once) are pre-tokenised by one regex call per kind of text (an
   equivalent, faster stdlib pattern for ASCII; none for a chunk of ASCII letters, the commonest, which is one
-  word); words are cached like chunks, and the batch's new words are BPE-encoded by ONE call of HF
+  word); words share the chunks' cache, and the batch's new words are BPE-encoded by ONE call of HF
   ``tokenizers``' Rust BPE (OpenAI's merge order), the only per-word cost left that is not a dict lookup.
 """
 
@@ -217,6 +217,8 @@ class Tokenizer:
             text = codecs.charmap_decode(text.encode(), "strict", self._byte_table)[0]  # one C call
         ids = np.array(self._hf_encode([text])[0].ids, dtype=_ID)
         ends = np.flatnonzero(self._ends_word[ids]) + 1  # a word's last token, and only it, ends with "</w>"
+        if len(ends) != len(words):  # (cannot happen with a BPE over these words; never guess ids)
+            raise RuntimeError(f"Rust BPE gave {len(ends)} word ends for {len(words)} words")
         return _split_packed(words, ids, np.concatenate([[0], ends[:-1]]), ends)
 
     def _word_ids(self, words: list[str]) -> np.ndarray:
