@@ -169,6 +169,31 @@ def test_ids_equal_reference_on_varied_corpus(tok, ref):
     assert rows.tolist() == ref.tokenize(texts)
 
 
+def test_new_words_learnt_once_per_batch_equal_reference(tok, ref):
+    """A batch's new chunks and words are BPE-encoded together (each distinct one once): a word new to the
+    batch as a chunk of its own, inside punctuated chunks and in non-ASCII chunks, repeated within the batch
+    and met again in later batches, with caches that reset in the middle of a batch."""
+    texts = [
+        "zorblat zorblat, zorblat. (zorblat) zorblat's ZORBLAT",
+        "naïve zorblat naïve, zorblat-naïve 東京 東京の zorblat 12,345",
+        "",
+        "zorblat",
+        "qwfp qwfp qwfp! 42 42% ar-st qwfp",
+    ]
+    expected = ref.tokenize(texts)
+    for cache_size in (1_000_000, 3):
+        fresh = Tokenizer(tok.merges_path, cache_size=cache_size)
+        assert fresh(texts).tolist() == expected  # one cold batch
+        assert fresh(texts[::-1]).tolist() == expected[::-1]  # the same words again, now cached (or reset)
+        assert [fresh(t).tolist()[0] for t in texts] == expected  # one text per batch
+        assert fresh.encode_batch(texts) == [ref.encode(t) for t in texts]
+    fresh = Tokenizer(tok.merges_path)
+    fresh(texts)
+    # Chunks and words share one cache: a chunk's ids are its words' ids.
+    assert fresh._ids["zorblat,"] == fresh._ids["zorblat"] + fresh._ids[","]
+    assert fresh._ids["(zorblat)"] == fresh._ids["("] + fresh._ids["zorblat"] + fresh._ids[")"]
+
+
 def test_special_tokens_and_padding(tok):
     out = tok(["", "a dog"])
     assert out.dtype == torch.long and out.shape == (2, 77)
@@ -351,7 +376,8 @@ def test_ascii_pretokenizer_equals_clip_pattern():
         "<|startoftext|>",
         "<|ENDOFTEXT|>",
     ]
-    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(20000)]
+    # The ASCII pattern only ever sees lowercased text (it has no case folding).
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))).lower() for _ in range(20000)]
     assert [_ASCII_PATTERN.findall(t) for t in texts] == [clip.findall(t) for t in texts]
 
 
