@@ -21,7 +21,7 @@ from pipelines.crawl.images import ImageConfig
 from pipelines.crawl.testsite import build_site, send
 
 FETCH = dict(
-    allowed_networks=["127.0.0.0/8"], read_timeout_s=0.5, total_timeout_s=5, max_retries=1,
+    allowed_networks=["127.0.0.0/8"], read_timeout_s=0.5, total_timeout_s=5, max_retries=1, timeout_retries=1,
     backoff_base_s=0.05, max_body_bytes=200_000, per_host_rate=1000, per_host_concurrency=16, budget="local",
 )  # fmt: skip
 
@@ -79,6 +79,20 @@ def test_retries_and_retry_after(crawled, http_server):
     assert by_name["slow.jpg"] == 2  # timed out twice, then gave up
     assert by_name["missing.jpg"] == 1  # a 404 is not retried
     assert elapsed >= 1.0  # waited the 1 s Retry-After
+
+
+def test_a_timeout_is_not_retried_in_the_pass_by_default(http_server):
+    """A hanging URL holds its slot for one read timeout, not one per try (5xx retries: above)."""
+    from pipelines.crawl.testsite import slow
+
+    hang = http_server.route("timeouts/hang.jpg", slow(2.0, b"late"))
+    cfg = FetchConfig(**{**FETCH, "max_retries": 2, "timeout_retries": 0, "read_timeout_s": 0.3})
+    started = time.monotonic()
+    (result,) = fetch_all(cfg, [hang])
+    assert (result.error, result.attempts) == ("timeout", 1) and time.monotonic() - started < 1.5
+    assert http_server.hits["/timeouts/hang.jpg"] == 1
+    (retried,) = fetch_all(FetchConfig(**{**FETCH, "timeout_retries": 2, "read_timeout_s": 0.3}), [hang])
+    assert (retried.error, retried.attempts) == ("timeout", 2)  # max_retries=1 bounds it
 
 
 def test_loopback_refused_unless_allowed(http_server):

@@ -64,6 +64,10 @@ class FetchConfig:
     read_timeout_s: float = 10.0
     total_timeout_s: float = 30.0
     max_retries: int = 2
+    # Of those retries, how many may follow a timeout. Each timed-out try holds a request slot for up to
+    # read_timeout_s, and a host that hung once mostly hangs again, so by default a timeout is not retried
+    # within the pass: the URL ends as the transient `timeout`, which the retry pass fetches later.
+    timeout_retries: int = 0
     backoff_base_s: float = 0.5
     backoff_max_s: float = 10.0
     # A Retry-After longer than this is not waited for: the site is deferred for that long and its
@@ -108,9 +112,11 @@ class FetchConfig:
                 raise ValueError(f"allowed_networks: {network!r} is not a network (CIDR): {e}") from None
         if self.budget not in ("auto", "local", "cluster"):
             raise ValueError(f"budget must be auto, local or cluster, got {self.budget!r}")
-        for name in ("max_in_flight", "per_host_concurrency", "budget_shards", "max_redirects"):
-            if getattr(self, name) < (0 if name == "max_redirects" else 1):
-                raise ValueError(f"{name} must be >= {0 if name == 'max_redirects' else 1}")
+        for name in ("max_in_flight", "per_host_concurrency", "budget_shards", "max_redirects", "max_retries",
+                     "timeout_retries"):  # fmt: skip
+            least = 1 if name in ("max_in_flight", "per_host_concurrency", "budget_shards") else 0
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be >= {least}")
 
     def host_rules(self) -> HostRules:
         return HostRules(
@@ -278,6 +284,7 @@ class Fetcher:
         return result
 
     async def _attempts(self, url: str, result: FetchResult) -> None:
+        timeouts = 0
         for attempt in range(self.config.max_retries + 1):
             result.attempts = attempt + 1
             try:
@@ -286,7 +293,10 @@ class Fetcher:
                 return
             except FetchError as e:
                 result.error, result.status = e.reason, e.status
+                timeouts += e.reason == "timeout"
                 if not e.retryable or attempt == self.config.max_retries:
+                    return
+                if timeouts > self.config.timeout_retries:
                     return
                 if e.status not in BACKOFF_STATUS:  # 429/503: the host budget pauses the site instead
                     delay = min(self.config.backoff_max_s, self.config.backoff_base_s * 2**attempt)
