@@ -43,6 +43,8 @@ from typing import Any
 from pipelines.crawl.robots import RobotsPolicy, policy_from_response
 
 HOST_DEFERRED = "host_deferred"
+# How long a request waits for a budget actor that is being restarted (its node died) or made again.
+ACTOR_WAIT_S = 60.0
 BACKOFF_STATUS = frozenset({429, 503})
 
 
@@ -290,7 +292,7 @@ class BudgetClient:
             self.actors.pop(index, None)
             grant = None
         if grant is None:
-            grant = await self._actor(index).acquire.remote(site, url)
+            grant = await self._call(index, "acquire", site, url)
         return grant
 
     async def release(self, site: str, lease: int, status: int | None = None,
@@ -305,8 +307,8 @@ class BudgetClient:
         if not self.clustered:
             await self._local().put_robots(site, lease, status, body, error)
         else:
-            await self._actor(shard_of(site, self.rules.shards)).put_robots.remote(
-                site, lease, status, body, error
+            await self._call(
+                shard_of(site, self.rules.shards), "put_robots", site, lease, status, body, error
             )
 
     async def drain(self) -> None:
@@ -362,6 +364,23 @@ class BudgetClient:
                 future.set_exception(grant)
             else:
                 future.set_result(grant)
+
+    async def _call(self, index: int, method: str, *args: Any) -> Any:
+        """A direct call to budget shard `index`. Its actor may have gone with its node (Ray restarts it
+        elsewhere while its owner lives; it is unavailable meanwhile) or with the worker that made it (made
+        again here): either is waited out, up to `ACTOR_WAIT_S`, rather than failing the URL."""
+        from ray.exceptions import RayActorError
+
+        deadline, delay = time.monotonic() + ACTOR_WAIT_S, 0.1
+        while True:
+            try:
+                return await getattr(self._actor(index), method).remote(*args)
+            except RayActorError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                self.actors.pop(index, None)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
 
     def _local(self) -> HostBudget:
         if self.local is None:
