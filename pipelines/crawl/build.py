@@ -30,7 +30,7 @@ from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.dedupe import dedupe_and_compact
 from pipelines.crawl.dispatch import ShardPool, worker_count
 from pipelines.crawl.hosts import hold_budget_actors
-from pipelines.crawl.plan import Plan, direct_plan, parquet_inputs, reusable_plan, write_plan
+from pipelines.crawl.plan import Plan, direct_plan, parquet_inputs, parquet_schema, reusable_plan, write_plan
 from pipelines.fingerprint import fingerprint, input_listing
 from pipelines.progress import StageLog
 from pipelines.stats import Funnel, write_stats
@@ -94,18 +94,8 @@ def read_url_table(uri: str) -> ray.data.Dataset:
         ds = ray.data.read_json(uri, lines=True)
     else:
         ds = ray.data.read_parquet(uri)
-        require_columns(uri, parquet_columns(uri))
-        return ds
     require_columns(uri, ds.schema().names)
     return ds
-
-
-def parquet_columns(uri: str) -> list[str]:
-    """A Parquet input's columns, from its footers (no Ray Data job)."""
-    import pyarrow.dataset as pads
-
-    fs, path = storage.resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").schema.names
 
 
 def require_columns(uri: str, names: Sequence[str]) -> None:
@@ -142,7 +132,7 @@ def plan_url_table(uri: str, cfg: CrawlConfig, out_uri: str, fp: Mapping[str, An
         raise InputError(f"input not found: {uri}")
     files = parquet_inputs(uri)
     if files is not None:
-        require_columns(uri, parquet_columns(uri))
+        require_columns(uri, parquet_schema(files[0]).names)
         plan = direct_plan(files, out_uri, cfg.samples_per_shard, fp)
         if plan is not None:
             return plan

@@ -38,7 +38,8 @@ def passed_rows(batch: pa.Table) -> pa.Table:
 
 
 def all_later_copies(rows: pa.Table, samples_per_shard: int) -> pa.Table:
-    """`later_copies` of every sha256 group of `rows` (ordinal, sha256) at once, vectorised."""
+    """(shard, ordinal) of every row of `rows` (ordinal, sha256) but the first in input order of its sha256
+    (all groups at once, vectorised; also the per-group step of the shuffled dedupe)."""
     rows = rows.sort_by([("sha256", "ascending"), ("ordinal", "ascending")])
     ordinals = pa.array([], pa.int64())
     if rows.num_rows > 1:
@@ -47,17 +48,6 @@ def all_later_copies(rows: pa.Table, samples_per_shard: int) -> pa.Table:
         ordinals = rows.column("ordinal").slice(1).filter(later).combine_chunks()
     shards = pc.divide(ordinals, pa.scalar(samples_per_shard, pa.int64()))  # integer division for ints
     return pa.table({"shard": shards, "ordinal": ordinals})
-
-
-def later_copies(group: pa.Table, samples_per_shard: int) -> pa.Table:
-    """All rows of one sha256 group but the first in input order: (shard, ordinal) of the duplicates."""
-    ordinals = sorted(group.column("ordinal").to_pylist())[1:]
-    return pa.table(
-        {
-            "shard": pa.array([o // samples_per_shard for o in ordinals], pa.int64()),
-            "ordinal": pa.array(ordinals, pa.int64()),
-        }
-    )
 
 
 def compact_shard(group: pa.Table, out_uri: str, layout: Layout, formats: Sequence[str]) -> pa.Table:
@@ -113,7 +103,9 @@ def dedupe_and_compact(
         ds.map_batches(passed_rows, batch_format="pyarrow", batch_size=None)
         .groupby("sha256", num_partitions=partitions)
         .map_groups(
-            later_copies, batch_format="pyarrow", fn_kwargs={"samples_per_shard": layout.samples_per_shard}
+            all_later_copies,
+            batch_format="pyarrow",
+            fn_kwargs={"samples_per_shard": layout.samples_per_shard},
         )
     )
     compacted = duplicates.groupby("shard", num_partitions=partitions).map_groups(

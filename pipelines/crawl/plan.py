@@ -217,11 +217,20 @@ def parquet_inputs(uri: str) -> list[str] | None:
     return sorted(f"s3://{i.path}" if storage.is_s3(uri) else os.path.abspath(i.path) for i in infos)
 
 
-def _row_groups(uri: str) -> list[int]:
+def _footer(uri: str) -> pq.FileMetaData:
     fs, path = storage.resolve(uri)
     with fs.open_input_file(path) as f:
-        meta = pq.ParquetFile(f).metadata
-        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+        return pq.ParquetFile(f).metadata
+
+
+def _row_groups(uri: str) -> list[int]:
+    meta = _footer(uri)
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+def parquet_schema(uri: str) -> pa.Schema:
+    """One Parquet file's schema, from its footer."""
+    return _footer(uri).schema.to_arrow_schema()
 
 
 def direct_plan(files: list[str], out_uri: str, samples_per_shard: int, fp: Mapping[str, Any]) -> Plan | None:
