@@ -4,6 +4,7 @@ tests/test_build_faults.py, end to end with a retried curation task.)"""
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -175,6 +176,18 @@ def test_missing_input_is_named_in_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{tmp_path}/nope.parquet" in err
+
+
+def test_an_input_without_url_or_caption_is_refused_before_any_plan(ray_local, tmp_path):
+    """Checked from a Parquet file's footer (planned in place) and from a CSV's schema (rewritten)."""
+    from pipelines.crawl.build import InputError, ensure_plan
+
+    write_urls([{"url": "http://127.0.0.1/a.jpg", "text": "no caption column"}], tmp_path / "in.parquet")
+    (tmp_path / "in.csv").write_text("link,caption\nhttp://127.0.0.1/a.jpg,a cat\n")
+    for name, missing in (("in.parquet", "['caption']"), ("in.csv", "['url']")):
+        with pytest.raises(InputError, match=re.escape(f"missing {missing}")):
+            ensure_plan(str(tmp_path / name), crawl_config(), str(tmp_path / name) + ".out", dict)
+        assert not (tmp_path / (name + ".out") / "_plan" / "_plan.json").exists()
 
 
 def test_a_shard_reads_only_its_rows_from_the_plan(tmp_path):
