@@ -3,7 +3,7 @@ that skip ftfy where it provably changes none of the text's tokens.
 
 ``clean_text`` is the reference behaviour. ``fast_clean`` gives text with the same pre-tokenised words
 (whitespace may differ: no CLIP token holds whitespace), several times faster on real captions:
-- printable ASCII without '&' is returned lowercased (ftfy's fixers only act on HTML entities, control
+- printable ASCII without an HTML entity is returned lowercased (ftfy's fixers only act on entities, control
   characters and non-ASCII text; public behaviour, no ftfy internals needed);
 - the other shortcuts read ftfy's own tables (``ftfy.chardata``, ``ftfy.badness``, ``ftfy.fixes``, and
   CPython's private ``re._parser`` to read ftfy's mojibake regex). These are internals: they are loaded in
@@ -42,6 +42,15 @@ def after_ftfy(text: str) -> str:
 
 
 _WHITESPACE = re.compile(r"\s+")
+_LINES = re.compile(r"[^\n]*\n|[^\n]+").findall  # ftfy's segments: each line with its "\n"
+# HTML unescaping (html.unescape's and ftfy's) acts only on an '&' before '#', a letter or a digit (every html5
+# entity name starts with a letter): any other '&' ("black & white", "& more") leaves the text as it is.
+has_entity = re.compile(r"&[#0-9A-Za-z]").search
+
+
+def plain_ascii(text: str) -> bool:
+    """Printable ASCII without an HTML character reference: OpenAI's clean-up only lowercases it."""
+    return text.isascii() and ("&" not in text or not has_entity(text)) and text.isprintable()
 
 
 # --- reading ftfy's mojibake regex (needs CPython's private re._parser) ---
@@ -72,11 +81,13 @@ def _anchor_ranges(op, av, c) -> list[tuple[int, int]] | None:
     raise ValueError(f"no windowed search through {op}")
 
 
-def mojibake_anchors(pattern: re.Pattern) -> tuple[int, re.Pattern] | None:
-    """(longest match, a class of anchor characters) when every match of `pattern` provably holds an anchor
-    (each branch is a run of single-character items, one of which only matches non-ASCII characters; those
-    are its anchors), else None (also when CPython's private `re._parser` is missing or unreadable). A text
-    then matches iff it matches within the longest match of an anchor."""
+def mojibake_anchors(pattern: re.Pattern) -> tuple[int, re.Pattern, list[Branch] | None] | None:
+    """(longest match, a class of anchor characters, the branches) when every match of `pattern` provably holds
+    an anchor (each branch is a run of single-character items, one of which only matches non-ASCII characters;
+    the narrowest such item's characters are the branch's anchors), else None (also when CPython's private
+    `re._parser` is missing or unreadable). A text then matches iff it matches within the longest match of an
+    anchor. The branches (None when one cannot be written back exactly) let a search try only the branches
+    whose anchors are there."""
     if pattern.flags & re.IGNORECASE:  # case folding maps some non-ASCII letters to ASCII ones
         return None
     try:
@@ -86,37 +97,149 @@ def mojibake_anchors(pattern: re.Pattern) -> tuple[int, re.Pattern] | None:
         tree = _parser.parse(pattern.pattern, pattern.flags)
         data = tree.data
         branches = data[0][1][1] if len(data) == 1 and data[0][0] is c.BRANCH else [tree]
-        anchors: set[tuple[int, int]] = set()
+        anchored = []
         for branch in branches:
             candidates = [r for op, av in branch if (r := _anchor_ranges(op, av, c)) is not None]
             if not candidates:  # this branch can match all-ASCII text
                 return None
-            anchors.update(min(candidates, key=lambda ranges: sum(hi - lo + 1 for lo, hi in ranges)))
+            anchored.append(min(candidates, key=lambda ranges: sum(hi - lo + 1 for lo, hi in ranges)))
         width = tree.getwidth()[1]
+        written = _written_branches(branches, anchored, pattern.flags, _parser, c)
     except Exception:  # private module gone or changed shape: no proof, no shortcut
         return None
     if width > 64:
         return None
-    char_class = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in sorted(anchors))
-    return width, re.compile(f"[{char_class}]")
+    anchors = sorted({r for ranges in anchored for r in ranges})
+    char_class = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in anchors)
+    return width, re.compile(f"[{char_class}]"), written
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One branch of a mojibake regex: the code-point ranges of its anchors, and its source on its own."""
+
+    anchors: list[tuple[int, int]]
+    source: str
+
+
+_CATEGORIES = {
+    "SPACE": r"\s",
+    "NOT_SPACE": r"\S",
+    "DIGIT": r"\d",
+    "NOT_DIGIT": r"\D",
+    "WORD": r"\w",
+    "NOT_WORD": r"\W",
+}
+
+
+def _item_source(op, av, c) -> str:
+    """The source of one parsed single-character item (or a repeat of one); ValueError for anything else."""
+    char = "\\U{:08x}".format
+    if op is c.LITERAL:
+        return char(av)
+    if op is c.NOT_LITERAL:
+        return f"[^{char(av)}]"
+    if op is c.ANY:
+        return "."
+    if op is c.AT and av in (c.AT_BEGINNING, c.AT_BEGINNING_STRING):
+        return "^" if av is c.AT_BEGINNING else r"\A"
+    if op is c.IN:
+        parts = []
+        for item_op, item_av in av:
+            if item_op is c.NEGATE and not parts:
+                parts.append("^")
+            elif item_op is c.LITERAL:
+                parts.append(char(item_av))
+            elif item_op is c.RANGE:
+                parts.append(f"{char(item_av[0])}-{char(item_av[1])}")
+            elif item_op is c.CATEGORY and str(item_av).removeprefix("CATEGORY_") in _CATEGORIES:
+                parts.append(_CATEGORIES[str(item_av).removeprefix("CATEGORY_")])
+            else:
+                raise ValueError(f"cannot write {item_op} back")
+        return "[" + "".join(parts) + "]"
+    if op in (c.MAX_REPEAT, c.MIN_REPEAT) and len(av[2]) == 1:
+        lo, hi, [(item_op, item_av)] = av
+        bound = f"{{{lo},{'' if hi is c.MAXREPEAT else hi}}}"
+        return _item_source(item_op, item_av, c) + bound + ("?" if op is c.MIN_REPEAT else "")
+    raise ValueError(f"cannot write {op} back")
+
+
+def _written_branches(branches, anchored, flags: int, parser, c) -> list[Branch] | None:
+    """Each branch written back as a pattern of its own, or None unless every one parses back to the very
+    items it came from (so a search through some of them finds what the whole pattern finds there)."""
+
+    def plain(x):  # parsed items as nested lists and tuples (sub-patterns have no equality of their own)
+        if isinstance(x, parser.SubPattern):
+            return [plain(item) for item in x.data]
+        return type(x)(map(plain, x)) if isinstance(x, list | tuple) else x
+
+    try:
+        written = [
+            Branch(ranges, "".join(_item_source(op, av, c) for op, av in branch))
+            for branch, ranges in zip(branches, anchored)
+        ]
+        flags &= ~re.VERBOSE
+        if all(
+            plain(parser.parse(b.source, flags).data) == plain(list(branch))
+            for b, branch in zip(written, branches)
+        ):
+            return written
+    except (ValueError, re.error):
+        pass
+    return None
 
 
 class MojibakeTest:
     """ftfy's `is_bad(text)`, searched only around the characters every match of its regex holds (found in
-    ftfy's regex by `mojibake_anchors`): the same answer, several times faster on non-ASCII text."""
+    ftfy's regex by `mojibake_anchors`), and there only for the branches whose anchors are near: the same
+    answer, many times faster on non-ASCII text."""
 
-    def __init__(self, regex: re.Pattern, window: int, anchors: re.Pattern):
+    def __init__(
+        self, regex: re.Pattern, window: int, anchors: re.Pattern, branches: list[Branch] | None = None
+    ):
         self.regex, self.reach = regex, window - 1
         # Runs of anchors whose windows overlap (<= 2 * reach apart): one search per run. A match inside the
-        # union of windows is a match of the text, and every match lies in its anchor's window.
+        # union of windows is a match of the text, and every match lies in its anchor's window. Every anchor
+        # in a run's window is in the run, so a branch can match there only if one of the run's characters
+        # is among its anchors: the search tries just those branches (none at all for most runs).
         anchor, other = anchors.pattern, "[^" + anchors.pattern[1:]
         self.clusters = re.compile(f"{anchor}(?:{other}{{0,{2 * self.reach}}}{anchor})*")
+        self._branches = branches
+        self._masks: dict[str, int] = {}  # anchor -> bit set of the branches it anchors
+        for i, branch in enumerate(branches or []):
+            for lo, hi in branch.anchors:
+                for code in range(lo, hi + 1):
+                    self._masks[chr(code)] = self._masks.get(chr(code), 0) | 1 << i
+        self._by_run: dict[str, re.Pattern | None] = {}  # a run's text -> the pattern to search around it
+        self._by_mask: dict[int, re.Pattern] = {}
+
+    def _pattern(self, run: str) -> re.Pattern | None:
+        """The branches that may match around this run of anchors, as one pattern (None: none may)."""
+        if self._branches is None:
+            return self.regex
+        if run in self._by_run:
+            return self._by_run[run]
+        mask = 0
+        for char in set(run):
+            mask |= self._masks.get(char, 0)
+        if mask and mask not in self._by_mask:
+            chosen = [b.source for i, b in enumerate(self._branches) if mask >> i & 1]
+            self._by_mask[mask] = re.compile("|".join(chosen), self.regex.flags & ~re.VERBOSE)
+        if len(self._by_run) >= _MAX_RUNS:
+            self._by_run.clear()
+        found = self._by_run[run] = self._by_mask[mask] if mask else None
+        return found
 
     def __call__(self, text: str) -> bool:
-        search, reach = self.regex.search, self.reach
-        return any(
-            search(text, max(0, m.start() - reach), m.end() + reach) for m in self.clusters.finditer(text)
-        )
+        reach = self.reach
+        for run in self.clusters.finditer(text):
+            pattern = self._pattern(run.group())
+            if pattern is not None and pattern.search(text, max(0, run.start() - reach), run.end() + reach):
+                return True
+        return False
+
+
+_MAX_RUNS = 100_000  # runs of anchors remembered (most are one accented letter)
 
 
 @dataclass(frozen=True)
@@ -131,27 +254,34 @@ class Shortcuts:
 
     def unchanged(self, text: str) -> bool:
         """True when ftfy, HTML unescaping and whitespace collapse provably leave the text's tokens unchanged:
-        no '&', printable but for harmless whitespace/joiners, and past ASCII: NFC, no character a later
+        no HTML entity, printable but for harmless whitespace/joiners, and past ASCII: NFC, no character a later
         fixer changes, no mojibake by ftfy's own test (the exact gate of its encoding fix)."""
-        if "&" in text or len(text) >= _MAX_SEGMENT:
+        if len(text) >= _MAX_SEGMENT or has_entity(text):
             return False
         return self._inert(text) and (text.isascii() or not self.is_bad(text))
 
     def clean(self, text: str) -> str | None:
         """`clean_text(text)` up to whitespace (so the same CLIP tokens), or None where no shortcut applies."""
-        if len(text) >= _MAX_SEGMENT or ("&" in text and "\n" in text):  # ftfy works line by line
+        if len(text) >= _MAX_SEGMENT or ("\n" in text and has_entity(text)):  # (see below)
             return None
-        fixed = self._fix_text(text)
+        if "\n" in text and not text.isascii():
+            # ftfy fixes each line (with its "\n") on its own, and a mojibake match may differ there (at a
+            # line's start, or across a break). Entities are excluded above: ftfy stops unescaping every line
+            # after the first one holding "<".
+            lines = list(map(self._fix_text, _LINES(text)))
+            fixed = None if None in lines else "".join(lines)
+        else:
+            fixed = self._fix_text(text)
         if fixed is None:
             return None
-        return after_ftfy(fixed) if "&" in fixed else fixed.lower()  # html.unescape needs a '&'
+        return after_ftfy(fixed) if has_entity(fixed) else fixed.lower()
 
     def _fix_text(self, text: str) -> str | None:
         """`ftfy.fix_text(text)` (one segment) when the only fixers that act are HTML unescaping and
         uncurling quotes, else None. This is ftfy's loop (`fix_and_explain`): each pass unescapes (unless
         the text holds '<'), fixes mojibake (a no-op unless `is_bad`), runs the per-character fixers (no-ops
         on `_inert` text but for quotes) and NFC (a no-op on NFC text), until a pass changes nothing."""
-        unescape = "&" in text and "<" not in text
+        unescape = "<" not in text and has_entity(text)
         while True:
             fixed = self.unescape_html(text) if unescape else text
             if not fixed.isascii():
@@ -169,8 +299,9 @@ class Shortcuts:
         """No per-character fixer of ftfy acts on the text, and NFC leaves it alone."""
         if text.isascii():  # ftfy's ASCII control characters are all non-printable
             return text.isprintable() or text.translate(_DROP_HARMLESS_ASCII).isprintable()
+        body = text[:-1] if text[-1] == "\n" else text  # (a line's own break: no fixer changes "\n")
         return (
-            (text.isprintable() or text.translate(_DROP_HARMLESS).isprintable())
+            (body.isprintable() or body.translate(_DROP_HARMLESS).isprintable())
             and not self.touched.search(text)
             and unicodedata.is_normalized("NFC", text)
         )
@@ -243,7 +374,7 @@ SHORTCUTS = load_shortcuts()
 def fast_clean(text: str) -> str:
     """`clean_text(text)` up to whitespace (the same CLIP tokens), skipping ftfy where it provably changes
     nothing."""
-    if text.isascii() and "&" not in text and text.isprintable():
+    if plain_ascii(text):
         return text.lower()
     if SHORTCUTS is not None and (fixed := SHORTCUTS.clean(text)) is not None:
         return fixed
@@ -252,6 +383,6 @@ def fast_clean(text: str) -> str:
 
 def skips_ftfy(text: str) -> bool:
     """True when `fast_clean` skips ftfy (and HTML unescaping) for this text."""
-    if text.isascii() and "&" not in text and text.isprintable():
+    if plain_ascii(text):
         return True
     return SHORTCUTS is not None and SHORTCUTS.unchanged(text)

@@ -33,7 +33,7 @@ import numpy as np
 import regex
 import torch
 
-from clip_model.ftfy_shortcuts import clean_text, fast_clean, skips_ftfy  # noqa: F401 (re-exported)
+from clip_model.ftfy_shortcuts import clean_text, fast_clean, has_entity, skips_ftfy  # noqa: F401 (re-exported)
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -259,9 +259,12 @@ class Tokenizer:
 
     def _flat_ids(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """(ids of all texts concatenated, row index of each id, rows that need the per-text path)."""
-        # The common case inlined (printable ASCII without '&': only lowercasing matters, see skips_ftfy).
+        # The common case inlined (ftfy_shortcuts.plain_ascii: only lowercasing matters).
         pieces = [
-            t.lower() if t.isascii() and "&" not in t and t.isprintable() else fast_clean(t) for t in texts
+            t.lower()
+            if t.isascii() and ("&" not in t or not has_entity(t)) and t.isprintable()
+            else fast_clean(t)
+            for t in texts
         ]
         # No pre-tokeniser match contains whitespace, so the tokens of a text are the tokens of its
         # space-delimited chunks, and texts are told apart by a separator chunk.

@@ -326,6 +326,7 @@ def test_windowed_mojibake_check_equals_ftfy():
     assert isinstance(SHORTCUTS.is_bad, MojibakeTest), (
         "ftfy's regex no longer passes the proof: fast path off"
     )
+    assert SHORTCUTS.is_bad._branches is not None, "ftfy's branches no longer write back: whole-regex search"
     texts = mojibake_corpus(4000, seed=0) + random_unicode(2000, seed=3) + EDGE_CASES
     answers = [is_bad(t) for t in texts]
     assert 0.2 < sum(answers) / len(answers) < 0.8  # both answers well represented
@@ -359,6 +360,83 @@ def test_mojibake_anchors_proof(pattern, window, anchors):
         latin1 = [chr(c) for c in range(0x100)]
         assert [c for c in latin1 if found[1].match(c)] == sorted(set(anchors))
     assert mojibake_anchors(re.compile(pattern, re.IGNORECASE)) is None
+
+
+def test_mojibake_search_through_near_branches_only():
+    """A search tries only the branches whose anchors are near; a branch that does not parse back to the
+    same items switches that off (the whole regex is searched), with the same answers either way."""
+    from ftfy.badness import BADNESS_RE, is_bad
+
+    from clip_model import ftfy_shortcuts
+
+    pattern = re.compile(r"[éè]\s[ü]|^[ñ] |x?[à-â]\w{1,2}[Œ]|[^a]\x85")
+    width, _, branches = ftfy_shortcuts.mojibake_anchors(pattern)
+    assert [b.anchors for b in branches] == [[(0xFC, 0xFC)], [(0xF1, 0xF1)], [(0x152, 0x152)], [(0x85, 0x85)]]
+    test = ftfy_shortcuts.MojibakeTest(pattern, width, *ftfy_shortcuts.mojibake_anchors(pattern)[1:])
+    texts = ["é ü", "ñ x", "x ñ ", "àb1Œ", "xâŒ", "b\x85", "a\x85", "é\nü", "ü é", "café"]
+    assert (
+        [test(t) for t in texts] == [bool(pattern.search(t)) for t in texts] == [1, 1, 0, 1, 0, 1, 0, 1, 0, 0]
+    )
+    assert test._pattern("é") is None  # no branch is anchored on é: nothing is searched around it
+
+    real = ftfy_shortcuts.mojibake_anchors(BADNESS_RE)
+    wrong = real[2][:1] + [ftfy_shortcuts.Branch(b.anchors, b.source[:-1]) for b in real[2][1:]]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ftfy_shortcuts, "_written_branches", lambda *a: None)
+        assert ftfy_shortcuts.mojibake_anchors(BADNESS_RE)[2] is None
+    m_texts = mojibake_corpus(1500, seed=21)
+    whole = ftfy_shortcuts.MojibakeTest(BADNESS_RE, real[0], real[1], None)
+    assert [whole(t) for t in m_texts] == [is_bad(t) for t in m_texts]
+    # A branch written back wrongly is caught by the parse-back check, not used.
+    from re import _constants, _parser
+
+    parsed = _parser.parse(BADNESS_RE.pattern, BADNESS_RE.flags).data[0][1][1]
+    anchored = [b.anchors for b in real[2]]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ftfy_shortcuts, "_item_source", lambda op, av, c: ".")
+        assert (
+            ftfy_shortcuts._written_branches(parsed, anchored, BADNESS_RE.flags, _parser, _constants) is None
+        )
+    assert wrong[1].source != real[2][1].source
+
+
+def test_ampersand_without_entity_changes_nothing():
+    """An '&' not before '#', a letter or a digit is no HTML reference for html.unescape nor ftfy: such
+    printable ASCII text is only lowercased (no ftfy), and cleans like OpenAI's."""
+    import html
+
+    from ftfy.fixes import unescape_html
+
+    from clip_model.ftfy_shortcuts import fast_clean, has_entity, skips_ftfy
+
+    rng = random.Random(9)
+    alphabet = [chr(c) for c in range(0x20, 0x7F)] + ["&"] * 20
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))) for _ in range(20000)]
+    plain = [t for t in texts if "&" in t and not has_entity(t)]
+    assert len(plain) > 2000
+    assert all(html.unescape(t) == t and unescape_html(t) == t for t in plain)
+    assert all(skips_ftfy(t) for t in plain) and skips_ftfy("Black & White") and not skips_ftfy("R&amp;D")
+    assert [fast_clean(t).split() for t in plain] == [clean_text(t).split() for t in plain]
+
+
+def test_multiline_non_ascii_shortcut_equals_ftfy():
+    """ftfy fixes text line by line; the shortcut does too, so mojibake at a line's start or across a break
+    is judged as ftfy judges it."""
+    import regex
+
+    from clip_model.ftfy_shortcuts import SHORTCUTS, fast_clean
+    from clip_model.tokenizer import _PATTERN
+
+    rng = random.Random(13)
+    base = mojibake_corpus(300, seed=5) + script_mix(1500, seed=6) + EDGE_CASES
+    breaks = ["\n"] * 10 + ["\n\n", " \n", "\n ", "œ\n", "\nÃ ", "Ã\n", "\r\n", "\n’", "<\n"]
+    texts = [
+        "".join(rng.choice(base) + rng.choice(breaks) for _ in range(rng.randint(1, 4))) for _ in range(3000)
+    ]
+    texts = [t for t in texts if not t.isascii()]
+    assert sum(SHORTCUTS.clean(t) is not None for t in texts) > len(texts) / 5  # the shortcut does apply
+    words = regex.compile(_PATTERN, regex.IGNORECASE).findall
+    assert [words(fast_clean(t)) for t in texts] == [words(clean_text(t)) for t in texts]
 
 
 def test_ascii_pretokenizer_equals_clip_pattern():
