@@ -204,38 +204,38 @@ class MojibakeTest:
         # is among its anchors: the search tries just those branches (none at all for most runs).
         anchor, other = anchors.pattern, "[^" + anchors.pattern[1:]
         self.clusters = re.compile(f"{anchor}(?:{other}{{0,{2 * self.reach}}}{anchor})*")
-        self._branches = branches
+        # Each branch compiled on its own (~16 ms for ftfy's, once): unions of them per set of near anchors
+        # would each cost a compile of their own, dozens of them in the first thousand captions.
+        flags = regex.flags & ~re.VERBOSE
+        self._branches = None if branches is None else [re.compile(b.source, flags) for b in branches]
         self._masks: dict[str, int] = {}  # anchor -> bit set of the branches it anchors
         for i, branch in enumerate(branches or []):
             for lo, hi in branch.anchors:
                 for code in range(lo, hi + 1):
                     self._masks[chr(code)] = self._masks.get(chr(code), 0) | 1 << i
-        self._by_run: dict[str, re.Pattern | None] = {}  # a run's text -> the pattern to search around it
-        self._by_mask: dict[int, re.Pattern] = {}
+        self._by_run: dict[str, tuple[re.Pattern, ...]] = {}  # a run's text -> the patterns to search near it
 
-    def _pattern(self, run: str) -> re.Pattern | None:
-        """The branches that may match around this run of anchors, as one pattern (None: none may)."""
+    def _patterns(self, run: str) -> tuple[re.Pattern, ...]:
+        """The branches that may match around this run of anchors (most runs: none)."""
         if self._branches is None:
-            return self.regex
-        if run in self._by_run:
-            return self._by_run[run]
-        mask = 0
-        for char in set(run):
-            mask |= self._masks.get(char, 0)
-        if mask and mask not in self._by_mask:
-            chosen = [b.source for i, b in enumerate(self._branches) if mask >> i & 1]
-            self._by_mask[mask] = re.compile("|".join(chosen), self.regex.flags & ~re.VERBOSE)
-        if len(self._by_run) >= _MAX_RUNS:
-            self._by_run.clear()
-        found = self._by_run[run] = self._by_mask[mask] if mask else None
+            return (self.regex,)
+        found = self._by_run.get(run)
+        if found is None:
+            mask = 0
+            for char in set(run):
+                mask |= self._masks.get(char, 0)
+            found = tuple(b for i, b in enumerate(self._branches) if mask >> i & 1)
+            if len(self._by_run) >= _MAX_RUNS:
+                self._by_run.clear()
+            self._by_run[run] = found
         return found
 
     def __call__(self, text: str) -> bool:
         reach = self.reach
         for run in self.clusters.finditer(text):
-            pattern = self._pattern(run.group())
-            if pattern is not None and pattern.search(text, max(0, run.start() - reach), run.end() + reach):
-                return True
+            for pattern in self._patterns(run.group()):
+                if pattern.search(text, max(0, run.start() - reach), run.end() + reach):
+                    return True
         return False
 
 
@@ -369,6 +369,12 @@ def disagreements(shortcuts: Shortcuts) -> list[str]:
 
 
 SHORTCUTS = load_shortcuts()
+
+
+def clear_caches() -> None:
+    """Forget what the shortcuts memoised (runs of mojibake anchors), for timing a cold start."""
+    if SHORTCUTS is not None and isinstance(SHORTCUTS.is_bad, MojibakeTest):
+        SHORTCUTS.is_bad._by_run.clear()
 
 
 def fast_clean(text: str) -> str:

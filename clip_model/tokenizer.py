@@ -226,9 +226,10 @@ class Tokenizer:
         return np.frombuffer(b"".join(self._ids.lookup(words, self._bpe)), dtype=_ID)
 
     def _learn(self, missing: set[str]) -> dict[str, bytes]:
-        """chunk -> packed ids for new chunks: their words found by one pre-tokeniser call per kind of text,
-        and one lookup (one BPE call for the new words) for the words of all of them."""
-        # A chunk of (lowercase) ASCII letters is one word, and the commonest new chunk: no pre-tokeniser.
+        """chunk (and word) -> packed ids for new chunks: their words found by one pre-tokeniser call per kind
+        of text, and the words not known yet BPE-encoded by one call."""
+        # A chunk of (lowercase) ASCII letters is one word, and the commonest new chunk: no pre-tokeniser, and
+        # no lookup either (chunks and words share the cache: a new such chunk is a new word).
         single, groups = [], ([], [])  # (ASCII chunks, others)
         for chunk in missing:  # (one plain loop beats several C-level passes over these few thousand)
             if not chunk.isascii():
@@ -237,16 +238,18 @@ class Tokenizer:
                 single.append(chunk)
             else:
                 groups[0].append(chunk)
-        words = single.copy()
         # Other chunks are joined with the separator word, the spaces around it keeping it one pre-tokeniser
         # match; one more ends the last chunk. ASCII text has a faster pattern (same words).
+        words = []
         for chunks, pattern in zip(groups, (_ASCII_PATTERN, self._pattern)):
             if chunks:
                 words += pattern.findall(f" {_SEP} ".join(chunks))
                 words.append(_SEP)
-        found = self._ids.lookup(words, self._bpe)
-        learnt = dict(zip(single, found))  # (the very bytes objects of the words)
-        ids = np.frombuffer(b"".join(found[len(single) :]), dtype=_ID)
+        found = list(map(self._ids.get, words))
+        new = set(compress(words, map(operator.is_, found, repeat(None))))
+        new.update(single)
+        learnt = self._bpe(new) if new else {}
+        ids = np.frombuffer(b"".join(map(learnt.get, words, found)), dtype=_ID)
         seps = np.flatnonzero(ids == _SEP_ID)
         learnt.update(_split_packed(groups[0] + groups[1], ids, np.concatenate([[0], seps[:-1] + 1]), seps))
         return learnt
