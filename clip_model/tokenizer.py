@@ -27,7 +27,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
-from itertools import compress, repeat
+from itertools import compress, count, repeat
 
 import numpy as np
 import regex
@@ -142,9 +142,12 @@ class _Cache(dict):
         in C."""
         found = list(map(self.get, keys))
         if None in found:
-            learnt = learn(set(compress(keys, map(operator.is_, found, repeat(None)))))
+            misses = list(compress(count(), map(operator.is_, found, repeat(None))))
+            missed = list(map(keys.__getitem__, misses))
+            learnt = learn(set(missed))
             self.add(learnt)  # (may reset the cache: the ids already found stay right)
-            found = list(map(learnt.get, keys, found))  # fill the misses from the small dict of new ids
+            for i, ids in zip(misses, map(learnt.__getitem__, missed)):  # (only the misses: few, once warm)
+                found[i] = ids
         return found
 
 
