@@ -97,29 +97,46 @@ def mojibake_anchors(pattern: re.Pattern) -> tuple[int, re.Pattern, list[Branch]
         tree = _parser.parse(pattern.pattern, pattern.flags)
         data = tree.data
         branches = data[0][1][1] if len(data) == 1 and data[0][0] is c.BRANCH else [tree]
-        anchored = []
+        anchored = []  # per branch: (the narrowest anchor item's ranges, the characters before it or None)
         for branch in branches:
-            candidates = [r for op, av in branch if (r := _anchor_ranges(op, av, c)) is not None]
+            candidates = [
+                (r, i) for i, (op, av) in enumerate(branch) if (r := _anchor_ranges(op, av, c)) is not None
+            ]
             if not candidates:  # this branch can match all-ASCII text
                 return None
-            anchored.append(min(candidates, key=lambda ranges: sum(hi - lo + 1 for lo, hi in ranges)))
+            ranges, i = min(candidates, key=lambda found: sum(hi - lo + 1 for lo, hi in found[0]))
+            anchored.append((ranges, _fixed_width(branch[:i], c)))
         width = tree.getwidth()[1]
         written = _written_branches(branches, anchored, pattern.flags, _parser, c)
     except Exception:  # private module gone or changed shape: no proof, no shortcut
         return None
     if width > 64:
         return None
-    anchors = sorted({r for ranges in anchored for r in ranges})
+    anchors = sorted({r for ranges, _ in anchored for r in ranges})
     char_class = "".join(f"\\U{lo:08x}-\\U{hi:08x}" for lo, hi in anchors)
     return width, re.compile(f"[{char_class}]"), written
 
 
 @dataclass(frozen=True)
 class Branch:
-    """One branch of a mojibake regex: the code-point ranges of its anchors, and its source on its own."""
+    """One branch of a mojibake regex: the code-point ranges of its anchors, how many characters its matches
+    hold before the anchor (None: not fixed), and its source on its own."""
 
     anchors: list[tuple[int, int]]
+    offset: int | None
     source: str
+
+
+def _fixed_width(items, c) -> int | None:
+    """How many characters parsed single-character items match (zero-width starts count 0), or None."""
+    width = 0
+    for op, _ in items:
+        if op is c.AT:
+            continue
+        if op not in (c.LITERAL, c.NOT_LITERAL, c.ANY, c.IN):
+            return None
+        width += 1
+    return width
 
 
 _CATEGORIES = {
@@ -175,8 +192,8 @@ def _written_branches(branches, anchored, flags: int, parser, c) -> list[Branch]
 
     try:
         written = [
-            Branch(ranges, "".join(_item_source(op, av, c) for op, av in branch))
-            for branch, ranges in zip(branches, anchored)
+            Branch(ranges, offset, "".join(_item_source(op, av, c) for op, av in branch))
+            for branch, (ranges, offset) in zip(branches, anchored)
         ]
         flags &= ~re.VERBOSE
         if all(
@@ -190,56 +207,43 @@ def _written_branches(branches, anchored, flags: int, parser, c) -> list[Branch]
 
 
 class MojibakeTest:
-    """ftfy's `is_bad(text)`, searched only around the characters every match of its regex holds (found in
-    ftfy's regex by `mojibake_anchors`), and there only for the branches whose anchors are near: the same
-    answer, many times faster on non-ASCII text."""
+    """ftfy's `is_bad(text)`, tried only where a match can be: at each character that every match of a branch
+    holds (its anchors, found in ftfy's regex by `mojibake_anchors`), that branch alone, at the one place its
+    match would start. The same answer, many times faster on non-ASCII text (most of which holds no anchor)."""
 
     def __init__(
         self, regex: re.Pattern, window: int, anchors: re.Pattern, branches: list[Branch] | None = None
     ):
-        self.regex, self.reach = regex, window - 1
-        # Runs of anchors whose windows overlap (<= 2 * reach apart): one search per run. A match inside the
-        # union of windows is a match of the text, and every match lies in its anchor's window. Every anchor
-        # in a run's window is in the run, so a branch can match there only if one of the run's characters
-        # is among its anchors: the search tries just those branches (none at all for most runs).
+        self.regex, self.reach, self.anchors = regex, window - 1, anchors
+        # Without the branches: the whole regex, searched around runs of anchors whose windows overlap (<= 2 *
+        # reach apart); every match lies within `reach` of its anchor.
         anchor, other = anchors.pattern, "[^" + anchors.pattern[1:]
         self.clusters = re.compile(f"{anchor}(?:{other}{{0,{2 * self.reach}}}{anchor})*")
-        # Each branch compiled on its own (~16 ms for ftfy's, once): unions of them per set of near anchors
-        # would each cost a compile of their own, dozens of them in the first thousand captions.
+        # With them: anchor -> (branch, characters before its anchor or None), each branch compiled once.
+        self._by_anchor: dict[str, tuple[tuple[re.Pattern, int | None], ...]] = {}
         flags = regex.flags & ~re.VERBOSE
-        self._branches = None if branches is None else [re.compile(b.source, flags) for b in branches]
-        self._masks: dict[str, int] = {}  # anchor -> bit set of the branches it anchors
-        for i, branch in enumerate(branches or []):
+        for branch in branches or []:
+            entry = (re.compile(branch.source, flags), branch.offset)
             for lo, hi in branch.anchors:
                 for code in range(lo, hi + 1):
-                    self._masks[chr(code)] = self._masks.get(chr(code), 0) | 1 << i
-        self._by_run: dict[str, tuple[re.Pattern, ...]] = {}  # a run's text -> the patterns to search near it
-
-    def _patterns(self, run: str) -> tuple[re.Pattern, ...]:
-        """The branches that may match around this run of anchors (most runs: none)."""
-        if self._branches is None:
-            return (self.regex,)
-        found = self._by_run.get(run)
-        if found is None:
-            mask = 0
-            for char in set(run):
-                mask |= self._masks.get(char, 0)
-            found = tuple(b for i, b in enumerate(self._branches) if mask >> i & 1)
-            if len(self._by_run) >= _MAX_RUNS:
-                self._by_run.clear()
-            self._by_run[run] = found
-        return found
+                    self._by_anchor[chr(code)] = (*self._by_anchor.get(chr(code), ()), entry)
 
     def __call__(self, text: str) -> bool:
         reach = self.reach
-        for run in self.clusters.finditer(text):
-            for pattern in self._patterns(run.group()):
-                if pattern.search(text, max(0, run.start() - reach), run.end() + reach):
+        if not self._by_anchor:
+            search = self.regex.search
+            return any(
+                search(text, max(0, m.start() - reach), m.end() + reach) for m in self.clusters.finditer(text)
+            )
+        for found in self.anchors.finditer(text):
+            at = found.start()
+            for branch, offset in self._by_anchor[found.group()]:
+                if offset is None:  # (a match holding the anchor lies within reach of it)
+                    if branch.search(text, max(0, at - reach), at + reach + 1):
+                        return True
+                elif at >= offset and branch.match(text, at - offset):
                     return True
         return False
-
-
-_MAX_RUNS = 100_000  # runs of anchors remembered (most are one accented letter)
 
 
 @dataclass(frozen=True)
@@ -251,6 +255,9 @@ class Shortcuts:
     has_quote: re.Pattern  # a class of those quotes
     is_bad: Callable[[str], bool]  # ftfy's mojibake test, the gate of its encoding fix
     unescape_html: Callable[[str], str]  # ftfy's HTML entity fixer
+    # A class of every character that can make is_bad true (its anchors) or that a fixer changes (`touched`):
+    # text without one is settled by one scan. None when the anchors are unknown (is_bad is ftfy's own).
+    suspect: re.Pattern | None = None
 
     def unchanged(self, text: str) -> bool:
         """True when ftfy, HTML unescaping and whitespace collapse provably leave the text's tokens unchanged:
@@ -258,7 +265,7 @@ class Shortcuts:
         fixer changes, no mojibake by ftfy's own test (the exact gate of its encoding fix)."""
         if len(text) >= _MAX_SEGMENT or has_entity(text):
             return False
-        return self._inert(text) and (text.isascii() or not self.is_bad(text))
+        return self._inert(text) and self._settled(text) == text
 
     def clean(self, text: str) -> str | None:
         """`clean_text(text)` up to whitespace (so the same CLIP tokens), or None where no shortcut applies."""
@@ -283,28 +290,33 @@ class Shortcuts:
         on `_inert` text but for quotes) and NFC (a no-op on NFC text), until a pass changes nothing."""
         unescape = "<" not in text and has_entity(text)
         while True:
-            fixed = self.unescape_html(text) if unescape else text
-            if not fixed.isascii():
-                if self.is_bad(fixed):  # ftfy's encoding fix would act
-                    return None
-                if self.has_quote.search(fixed):  # (str.translate is slow on non-ASCII text)
-                    fixed = fixed.translate(self.quotes)
-            if not self._inert(fixed):
+            fixed = self._settled(self.unescape_html(text) if unescape else text)
+            if fixed is None or not self._inert(fixed):
                 return None
             if fixed == text:
                 return text
             text = fixed
 
+    def _settled(self, text: str) -> str | None:
+        """The text after ftfy's encoding fix and per-character fixers when only quotes may change (uncurled),
+        else None. ASCII text, and text without a suspect character, is left as it is."""
+        if text.isascii() or (self.suspect is not None and not self.suspect.search(text)):
+            return text
+        if self.is_bad(text):  # ftfy's encoding fix would act
+            return None
+        if self.has_quote.search(text):  # (str.translate is slow on non-ASCII text)
+            text = text.translate(self.quotes)
+        return None if self.touched.search(text) else text
+
     def _inert(self, text: str) -> bool:
-        """No per-character fixer of ftfy acts on the text, and NFC leaves it alone."""
+        """Printable but for whitespace and joiners that no fixer changes, and NFC (ftfy's last step) leaves
+        it alone (other characters a fixer changes: `_settled`)."""
         if text.isascii():  # ftfy's ASCII control characters are all non-printable
             return text.isprintable() or text.translate(_DROP_HARMLESS_ASCII).isprintable()
         body = text[:-1] if text[-1] == "\n" else text  # (a line's own break: no fixer changes "\n")
         return (
-            (body.isprintable() or body.translate(_DROP_HARMLESS).isprintable())
-            and not self.touched.search(text)
-            and unicodedata.is_normalized("NFC", text)
-        )
+            body.isprintable() or body.translate(_DROP_HARMLESS).isprintable()
+        ) and unicodedata.is_normalized("NFC", text)
 
 
 def _char_class(codes) -> re.Pattern:
@@ -330,7 +342,9 @@ def load_shortcuts(verify: bool = True) -> Shortcuts | None:
         tables = set(chardata.LIGATURES) | set(chardata.WIDTH_MAP) | set(chardata.CONTROL_CHARS) | set(quotes)
         found = mojibake_anchors(BADNESS_RE)
         bad = is_bad if found is None else MojibakeTest(BADNESS_RE, *found)
-        shortcuts = Shortcuts(_char_class(tables), quotes, _char_class(quotes), bad, unescape_html)
+        touched = _char_class(tables)
+        suspect = None if found is None else re.compile(f"[{found[1].pattern[1:-1]}{touched.pattern[1:-1]}]")
+        shortcuts = Shortcuts(touched, quotes, _char_class(quotes), bad, unescape_html, suspect)
     except Exception as e:  # an ftfy without these internals: full ftfy on everything but plain ASCII
         warnings.warn(
             f"ftfy {ftfy.__version__}: clean-up shortcuts off ({e!r}); same ids, slower", stacklevel=2
@@ -369,12 +383,6 @@ def disagreements(shortcuts: Shortcuts) -> list[str]:
 
 
 SHORTCUTS = load_shortcuts()
-
-
-def clear_caches() -> None:
-    """Forget what the shortcuts memoised (runs of mojibake anchors), for timing a cold start."""
-    if SHORTCUTS is not None and isinstance(SHORTCUTS.is_bad, MojibakeTest):
-        SHORTCUTS.is_bad._by_run.clear()
 
 
 def fast_clean(text: str) -> str:

@@ -326,7 +326,7 @@ def test_windowed_mojibake_check_equals_ftfy():
     assert isinstance(SHORTCUTS.is_bad, MojibakeTest), (
         "ftfy's regex no longer passes the proof: fast path off"
     )
-    assert SHORTCUTS.is_bad._branches is not None, "ftfy's branches no longer write back: whole-regex search"
+    assert SHORTCUTS.is_bad._by_anchor, "ftfy's branches no longer write back: whole-regex search"
     texts = mojibake_corpus(4000, seed=0) + random_unicode(2000, seed=3) + EDGE_CASES
     answers = [is_bad(t) for t in texts]
     assert 0.2 < sum(answers) / len(answers) < 0.8  # both answers well represented
@@ -362,42 +362,49 @@ def test_mojibake_anchors_proof(pattern, window, anchors):
     assert mojibake_anchors(re.compile(pattern, re.IGNORECASE)) is None
 
 
-def test_mojibake_search_through_near_branches_only():
-    """A search tries only the branches whose anchors are near; a branch that does not parse back to the
-    same items switches that off (the whole regex is searched), with the same answers either way."""
+def test_mojibake_test_tries_each_branch_at_its_anchors():
+    """A branch is tried only at its anchors: where its match would start when the characters before the
+    anchor are fixed, else around it. Branches that do not parse back to the same items are not used (the
+    whole regex is searched around runs of anchors); the answers are the same either way."""
     from ftfy.badness import BADNESS_RE, is_bad
 
     from clip_model import ftfy_shortcuts
 
     pattern = re.compile(r"[éè]\s[ü]|^[ñ] |x?[à-â]\w{1,2}[Œ]|[^a]\x85")
-    width, _, branches = ftfy_shortcuts.mojibake_anchors(pattern)
-    assert [b.anchors for b in branches] == [[(0xFC, 0xFC)], [(0xF1, 0xF1)], [(0x152, 0x152)], [(0x85, 0x85)]]
-    test = ftfy_shortcuts.MojibakeTest(pattern, width, *ftfy_shortcuts.mojibake_anchors(pattern)[1:])
-    texts = ["é ü", "ñ x", "x ñ ", "àb1Œ", "xâŒ", "b\x85", "a\x85", "é\nü", "ü é", "café"]
-    assert (
-        [test(t) for t in texts] == [bool(pattern.search(t)) for t in texts] == [1, 1, 0, 1, 0, 1, 0, 1, 0, 0]
-    )
-    assert test._patterns("é") == ()  # no branch is anchored on é: nothing is searched around it
+    width, anchors, branches = ftfy_shortcuts.mojibake_anchors(pattern)
+    assert [(b.anchors, b.offset) for b in branches] == [
+        ([(0xFC, 0xFC)], 2),
+        ([(0xF1, 0xF1)], 0),
+        ([(0x152, 0x152)], None),
+        ([(0x85, 0x85)], 1),
+    ]
+    texts = ["é ü", "ñ x", "x ñ ", "àb1Œ", "xâŒ", "b\x85", "a\x85", "é\nü", "ü é", "café", "\x85", "ñ"]
+    expected = [bool(pattern.search(t)) for t in texts]
+    assert expected == [1, 1, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0]
+    by_anchor = ftfy_shortcuts.MojibakeTest(pattern, width, anchors, branches)
+    whole = ftfy_shortcuts.MojibakeTest(pattern, width, anchors, None)
+    assert [by_anchor(t) for t in texts] == [whole(t) for t in texts] == expected
+    assert "é" not in by_anchor._by_anchor  # é anchors no branch: nothing is tried at it
 
-    real = ftfy_shortcuts.mojibake_anchors(BADNESS_RE)
-    wrong = real[2][:1] + [ftfy_shortcuts.Branch(b.anchors, b.source[:-1]) for b in real[2][1:]]
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(ftfy_shortcuts, "_written_branches", lambda *a: None)
-        assert ftfy_shortcuts.mojibake_anchors(BADNESS_RE)[2] is None
-    m_texts = mojibake_corpus(1500, seed=21)
-    whole = ftfy_shortcuts.MojibakeTest(BADNESS_RE, real[0], real[1], None)
-    assert [whole(t) for t in m_texts] == [is_bad(t) for t in m_texts]
-    # A branch written back wrongly is caught by the parse-back check, not used.
+    # ftfy's regex: a branch written back wrongly is caught by the parse-back check, and without branches the
+    # whole-regex search still answers like ftfy.
     from re import _constants, _parser
 
+    real = ftfy_shortcuts.mojibake_anchors(BADNESS_RE)
     parsed = _parser.parse(BADNESS_RE.pattern, BADNESS_RE.flags).data[0][1][1]
-    anchored = [b.anchors for b in real[2]]
+    anchored = [(b.anchors, b.offset) for b in real[2]]
+    assert (
+        ftfy_shortcuts._written_branches(parsed, anchored, BADNESS_RE.flags, _parser, _constants) == real[2]
+    )
     with pytest.MonkeyPatch.context() as m:
         m.setattr(ftfy_shortcuts, "_item_source", lambda op, av, c: ".")
         assert (
             ftfy_shortcuts._written_branches(parsed, anchored, BADNESS_RE.flags, _parser, _constants) is None
         )
-    assert wrong[1].source != real[2][1].source
+        assert ftfy_shortcuts.mojibake_anchors(BADNESS_RE)[2] is None
+    corpus = mojibake_corpus(1500, seed=21)
+    without = ftfy_shortcuts.MojibakeTest(BADNESS_RE, real[0], real[1], None)
+    assert [without(t) for t in corpus] == [is_bad(t) for t in corpus]
 
 
 def test_ampersand_without_entity_changes_nothing():
