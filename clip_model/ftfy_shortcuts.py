@@ -86,8 +86,7 @@ def mojibake_anchors(pattern: re.Pattern) -> tuple[int, re.Pattern, list[Branch]
     an anchor (each branch is a run of single-character items, one of which only matches non-ASCII characters;
     the narrowest such item's characters are the branch's anchors), else None (also when CPython's private
     `re._parser` is missing or unreadable). A text then matches iff it matches within the longest match of an
-    anchor. The branches (None when one cannot be written back exactly) let a search try only the branches
-    whose anchors are there."""
+    anchor. The branches (None when one cannot be written back exactly) let each be tried at its own anchors."""
     if pattern.flags & re.IGNORECASE:  # case folding maps some non-ASCII letters to ASCII ones
         return None
     try:
