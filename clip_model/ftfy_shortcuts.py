@@ -289,11 +289,12 @@ class Shortcuts:
         on `_inert` text but for quotes) and NFC (a no-op on NFC text), until a pass changes nothing."""
         unescape = "<" not in text and has_entity(text)
         while True:
-            fixed = self._settled(self.unescape_html(text) if unescape else text)
+            unescaped = self.unescape_html(text) if unescape else text
+            fixed = self._settled(unescaped)
             if fixed is None or not self._inert(fixed):
                 return None
-            if fixed == text:
-                return text
+            if fixed == text or (fixed is unescaped and not has_entity(fixed)):
+                return fixed  # (or the next pass would change nothing: no entity left, nothing else changed)
             text = fixed
 
     def _settled(self, text: str) -> str | None:
