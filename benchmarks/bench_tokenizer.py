@@ -93,7 +93,9 @@ def main() -> None:
         "--vocab-size", type=int, default=49408, help="ids of the trained vocab (CLIP: 49,408)"
     )
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=5, help="best of N timings (a shared machine is noisy)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="best of N timings (a shared machine is noisy)"
+    )
     parser.add_argument("--merges", help="OpenAI-layout merges file, e.g. bpe_simple_vocab_16e6.txt.gz")
     args = parser.parse_args()
 
