@@ -217,7 +217,9 @@ class MojibakeTest:
         # Without the branches: the whole regex, searched around runs of anchors whose windows overlap (<= 2 *
         # reach apart); every match lies within `reach` of its anchor.
         anchor, other = anchors.pattern, "[^" + anchors.pattern[1:]
-        self.clusters = re.compile(f"{anchor}(?:{other}{{0,{2 * self.reach}}}{anchor})*")
+        self.clusters = (
+            None if branches else re.compile(f"{anchor}(?:{other}{{0,{2 * self.reach}}}{anchor})*")
+        )
         # With them: anchor -> (branch, characters before its anchor or None), each branch compiled once.
         self._by_anchor: dict[str, tuple[tuple[re.Pattern, int | None], ...]] = {}
         flags = regex.flags & ~re.VERBOSE
@@ -229,7 +231,7 @@ class MojibakeTest:
 
     def __call__(self, text: str) -> bool:
         reach = self.reach
-        if not self._by_anchor:
+        if self.clusters is not None:
             search = self.regex.search
             return any(
                 search(text, max(0, m.start() - reach), m.end() + reach) for m in self.clusters.finditer(text)

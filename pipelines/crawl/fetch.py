@@ -55,6 +55,11 @@ METADATA_ADDRESSES = frozenset(
 )
 
 
+# The smallest value each count of FetchConfig may take.
+_LEAST = {"max_in_flight": 1, "per_host_concurrency": 1, "budget_shards": 1, "max_redirects": 0, "max_retries": 0,
+          "timeout_retries": 0}  # fmt: skip
+
+
 @dataclass
 class FetchConfig:
     user_agent: str = "clip-wit-ray/0.1 (+https://github.com/clip-wit-ray; image-text research crawler)"
@@ -112,9 +117,7 @@ class FetchConfig:
                 raise ValueError(f"allowed_networks: {network!r} is not a network (CIDR): {e}") from None
         if self.budget not in ("auto", "local", "cluster"):
             raise ValueError(f"budget must be auto, local or cluster, got {self.budget!r}")
-        for name in ("max_in_flight", "per_host_concurrency", "budget_shards", "max_redirects", "max_retries",
-                     "timeout_retries"):  # fmt: skip
-            least = 1 if name in ("max_in_flight", "per_host_concurrency", "budget_shards") else 0
+        for name, least in _LEAST.items():
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}")
 
@@ -294,9 +297,11 @@ class Fetcher:
             except FetchError as e:
                 result.error, result.status = e.reason, e.status
                 timeouts += e.reason == "timeout"
-                if not e.retryable or attempt == self.config.max_retries:
-                    return
-                if timeouts > self.config.timeout_retries:
+                if (
+                    not e.retryable
+                    or attempt == self.config.max_retries
+                    or timeouts > self.config.timeout_retries
+                ):
                     return
                 if e.status not in BACKOFF_STATUS:  # 429/503: the host budget pauses the site instead
                     delay = min(self.config.backoff_max_s, self.config.backoff_base_s * 2**attempt)

@@ -288,8 +288,9 @@ class BudgetClient:
         batch.futures.append(future)
         try:
             grant = await future
-        except Exception:  # the actor died with its owner: a fresh one is made below
-            self.actors.pop(index, None)
+        except (
+            Exception
+        ):  # the batched call failed (its actor died): asked again directly, which waits it out
             grant = None
         if grant is None:
             grant = await self._call(index, "acquire", site, url)
