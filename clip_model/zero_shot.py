@@ -211,24 +211,16 @@ def empty_class_names(tokenizer: Callable, class_names: Sequence[str]) -> list[s
 
 
 @torch.no_grad()
-def build_zero_shot_classifier(
+def class_embeddings(
     model,
     tokenizer: Callable,
     class_names: Sequence[str],
-    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    templates: Sequence[str],
     batch_size: int = 256,
     device: str | torch.device | None = None,
 ) -> torch.Tensor:
-    """[D, C] float32 classifier: per class, embed every template, L2-normalise, average, renormalise."""
-    if not class_names:
-        raise ZeroShotError("no class names")
-    templates = _check_templates(templates, "templates")
-    empty = empty_class_names(tokenizer, class_names)
-    if empty:
-        raise ZeroShotError(
-            f"{len(empty)} class name(s) tokenize to nothing and cannot be told apart: {empty[:10]}; "
-            "give them readable names (class-name file) or drop those classes"
-        )
+    """[C, D] float32: per class, embed every template, L2-normalise, average, renormalise. The classifier's
+    arithmetic for any subset of the classes, so an actor pool can compute it a batch of classes at a time."""
     if device is None:
         device = (
             next(iter(model.parameters()), torch.empty(0)).device if hasattr(model, "parameters") else "cpu"
@@ -239,8 +231,37 @@ def build_zero_shot_classifier(
         tokens = tokenizer(texts[start : start + batch_size]).to(device)
         features.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
     per_class = torch.cat(features).view(len(class_names), len(templates), -1)
-    weights = F.normalize(per_class.mean(dim=1), dim=-1)
-    return weights.T.contiguous()
+    return F.normalize(per_class.mean(dim=1), dim=-1)
+
+
+def check_zero_shot_inputs(
+    tokenizer: Callable, class_names: Sequence[str], templates: Sequence[str]
+) -> list[str]:
+    """The templates to use; a ZeroShotError when there are no classes, no usable template, or class names
+    that tokenize to nothing."""
+    if not class_names:
+        raise ZeroShotError("no class names")
+    templates = _check_templates(templates, "templates")
+    empty = empty_class_names(tokenizer, class_names)
+    if empty:
+        raise ZeroShotError(
+            f"{len(empty)} class name(s) tokenize to nothing and cannot be told apart: {empty[:10]}; "
+            "give them readable names (class-name file) or drop those classes"
+        )
+    return templates
+
+
+def build_zero_shot_classifier(
+    model,
+    tokenizer: Callable,
+    class_names: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """[D, C] float32 classifier: per class, embed every template, L2-normalise, average, renormalise."""
+    templates = check_zero_shot_inputs(tokenizer, class_names, templates)
+    return class_embeddings(model, tokenizer, class_names, templates, batch_size, device).T.contiguous()
 
 
 def zero_shot_logits(

@@ -38,6 +38,16 @@ class RetrievalConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """Datasets in LAION CLIP_benchmark's WebDataset layout (pipelines/evaluation/clip_benchmark.py), read as
+    distributed: each with its own class names and templates; results beside the published numbers."""
+
+    datasets: list[str] = field(default_factory=list)  # dataset roots, local or s3://; [] = skip
+    split: str = "test"
+    model: str = ""  # for the published-number lookup ("ViT-B/32"); "" = the configuration the weights match
+
+
+@dataclass
 class EvalConfig:
     """Evaluate a CLIP checkpoint: zero-shot classification, linear probe, image-text retrieval."""
 
@@ -47,5 +57,6 @@ class EvalConfig:
     zero_shot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     embed: EmbedOptions = field(default_factory=EmbedOptions)
     ray_address: str = ""  # "" = join a running cluster if there is one, else start a local one

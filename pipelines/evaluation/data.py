@@ -23,6 +23,8 @@ from typing import Any
 
 from pipelines import datasets, storage
 
+from . import clip_benchmark
+
 # Files an image folder's classes are made of. SVG is listed so that a vector image is a counted drop
 # (`vector_image`, see embed.decode_checked) rather than silently absent from the totals.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".svg")
@@ -259,6 +261,9 @@ def open_eval_set(
 def expand_unit(unit: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
     """Records of one unit. A file that cannot be read gives a record with empty bytes (counted later as
     unreadable); a shard sample without a known label gives one with label -1 (counted as unlabelled)."""
+    if unit["kind"] == "clip_benchmark_tar":  # CLIP_benchmark's `.webp`/`.jpg` + `.cls` samples
+        yield from clip_benchmark.tar_records(unit["uri"], unit["num_classes"])
+        return
     if unit["kind"] == "file":
         try:
             data = storage.read_bytes(unit["path"])  # a local path or an s3:// object: any node reads it

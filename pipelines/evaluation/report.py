@@ -99,10 +99,11 @@ def plot_recall_curves(curve: dict[str, list], path: Path) -> Path:
 def write_plots(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     plots = {}
     zs = results.get("zero_shot")
-    if zs:
+    if zs and len(zs["per_class"]) <= 100:  # ImageNet's 1,000 bars or a 1,000 x 1,000 matrix: numbers only
         plots["zero-shot per-class accuracy"] = plot_per_class(
             zs["per_class"], out_dir / "zero_shot_per_class.png", "zero-shot per-class accuracy"
         )
+    if zs and zs.get("confusion"):
         plots["zero-shot confusion matrix"] = plot_confusion(
             zs["confusion"], zs["class_names"], out_dir / "zero_shot_confusion.png", "zero-shot confusion"
         )
