@@ -97,7 +97,9 @@ def run_job(cluster: LocalRayCluster, ckpt: Path, data: Path, out: Path, batch: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--templates", type=int, default=80)
     parser.add_argument("--sizes", type=int, nargs=3, default=[1000, 3000, 9000])

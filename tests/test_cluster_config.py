@@ -263,3 +263,152 @@ def test_kuberay_manifest_makes_the_same_choices():
         for container in pod["spec"]["containers"]:
             assert container["image"] == image
             assert {"name": "CLIP_RAY_AUTOSCALING", "value": "1"} in container["env"]
+
+
+# ---------------------------------------------------------------- the paper-scale profile
+PAPER = ROOT / "cluster" / "aws_paper_scale.yaml"
+KUBERAY_PAPER = ROOT / "cluster" / "kuberay_paper_scale.yaml"
+# Network cards per instance type (all of them EFA-capable): what the profile must attach as EFA interfaces.
+EFA_CARDS = {"p5.48xlarge": 32, "p4d.24xlarge": 4}
+# AWS's environment for NCCL over EFA, which both paper-scale manifests must set the same way.
+EFA_ENV = {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"}
+
+
+def paper_config() -> dict:
+    return yaml.safe_load(PAPER.read_text())
+
+
+def docker_env(cfg: dict) -> dict[str, str]:
+    pairs = [o.split(" ", 1)[1] for o in cfg["docker"]["run_options"] if o.startswith("--env ")]
+    return dict(p.split("=", 1) for p in pairs)
+
+
+def paper_readme_command() -> list[str]:
+    """The train_clip.py overrides of cluster/README.md's paper-scale command."""
+    text = CLUSTER_README.read_text()
+    (command,) = re.findall(
+        r"`python jobs/submit.py -- python jobs/train_clip.py (--config \S+ [^`]*model=ViT-L/14[^`]*)`", text
+    )
+    return command.split()
+
+
+def test_paper_scale_profile_passes_rays_schema_and_reaches_512_gpus():
+    from ray.autoscaler._private.aws.config import _configure_subnets_and_groups_from_network_interfaces
+
+    cfg = validated(paper_config())
+    (name,) = worker_types(cfg)
+    gpu = cfg["available_node_types"][name]
+    node = gpu["node_config"]
+    assert node["InstanceType"] in EFA_CARDS and gpu["resources"]["GPU"] == 8
+    assert gpu["min_workers"] == 0 and 32 <= gpu["max_workers"] <= 64 <= cfg["max_workers"]
+    assert gpu["resources"]["CPU"] == 0 and gpu["resources"]["ingest_cpu"] >= 8
+    # Close together: one cluster placement group, one subnet, one security group.
+    assert node["Placement"]["GroupName"]
+    interfaces = node["NetworkInterfaces"]
+    assert len(interfaces) == EFA_CARDS[node["InstanceType"]]
+    assert {i["InterfaceType"] for i in interfaces} == {"efa"}
+    assert sorted(i["NetworkCardIndex"] for i in interfaces) == list(range(len(interfaces)))
+    assert [i["DeviceIndex"] for i in interfaces] == [0] + [1] * (len(interfaces) - 1)
+    # Ray's own check of interfaces (each names its subnet and group) passes, and the head shares both.
+    merged = _configure_subnets_and_groups_from_network_interfaces(node)
+    head = cfg["available_node_types"]["ray.head.default"]["node_config"]
+    assert set(merged["SubnetIds"]) == set(head["SubnetIds"]) and len(set(head["SubnetIds"])) == 1
+    assert set(merged["SecurityGroupIds"]) == set(head["SecurityGroupIds"])
+    # The same image, AMI and profiles as cluster/aws.yaml; nothing installed at boot; dashboard on loopback.
+    assert cfg["docker"]["image"] == aws_config()["docker"]["image"] and cfg["setup_commands"] == []
+    assert all(t["node_config"]["ImageId"].startswith(DLAMI) for t in cfg["available_node_types"].values())
+    assert (
+        node["IamInstanceProfile"]
+        == aws_config()["available_node_types"]["gpu_train"]["node_config"]["IamInstanceProfile"]
+    )
+    assert "--dashboard-host=127.0.0.1" in " ".join(cfg["head_start_ray_commands"])
+
+
+def test_paper_scale_profile_sets_the_nccl_efa_environment_and_the_image_carries_efa():
+    cfg = paper_config()
+    env, options = docker_env(cfg), cfg["docker"]["run_options"]
+    assert {k: env.get(k) for k in EFA_ENV} == EFA_ENV
+    assert env["NCCL_SOCKET_IFNAME"].startswith("^") and "docker" in env["NCCL_SOCKET_IFNAME"]
+    assert (
+        "/opt/amazon/ofi-nccl/lib" in env["LD_LIBRARY_PATH"]
+        and "/opt/amazon/efa/lib" in env["LD_LIBRARY_PATH"]
+    )
+    assert "--device=/dev/infiniband" in options and "--ulimit memlock=-1:-1" in options
+    assert env["CLIP_RAY_AUTOSCALING"] == "1"
+    docker = DOCKERFILE.read_text()
+    assert re.search(r"efa_installer\.sh -y --skip-kmod --skip-limit-conf --no-verify", docker)
+    assert "libnccl-net" in docker and "libfabric.so" in docker  # the build fails without them
+    # The plain profile does not load the plugin: NCCL on nodes without EFA keeps its own transports.
+    assert "FI_PROVIDER" not in docker_env(aws_config()) and "ENV LD_LIBRARY_PATH" not in docker
+
+
+def test_the_readme_paper_scale_training_command_fits_the_profile():
+    types = paper_config()["available_node_types"]
+    train = load_config(TrainConfig, ROOT / paper_readme_command()[1], paper_readme_command()[2:])
+    assert train.model == "ViT-L/14" and train.batch_size * train.num_workers == 32768
+    request = {"CPU": train.cpus_per_worker, "GPU": train.gpus_per_worker}
+    (gpu,) = [t for t, spec in types.items() if fits(request, spec["resources"])]
+    assert (
+        int(types[gpu]["resources"]["GPU"] // train.gpus_per_worker) * types[gpu]["max_workers"]
+        >= train.num_workers
+    )
+    assert fits({train.decode_resource: train.decode_cpus}, types[gpu]["resources"])
+    assert train.storage_path.startswith("s3://") and train.checkpoint_upload == "async"
+
+
+def test_readme_arithmetic_matches_the_model_summary():
+    """Each row of the README's table recomputed: FLOPs from clip_model.summary, 12.8B samples, 40% MFU."""
+    from clip_model.summary import summarize
+
+    peaks = {"H100": 989.4e12, "A100": 312e12}
+    rows = re.findall(r"^\| (ViT-\S+) \| ([\d.]+) \| ([\d.]+) \| ([\d.e]+) \| (\w+) \| ([\d,]+) \| ([\d.]+) h \| ([\d.]+) h \| ([\d,]+) \|$",
+                      CLUSTER_README.read_text(), re.MULTILINE)  # fmt: skip
+    assert {(r[0], r[4]) for r in rows} == {(m, g) for m in ("ViT-B/32", "ViT-L/14") for g in peaks}
+    for model, fwd, train, total, gpu, gpu_hours, wall512, wall256, per_gpu in rows:
+        flops = 3 * summarize(model).gflops * 1e9
+        assert float(fwd) == round(summarize(model).gflops, 2) and float(train) == round(flops / 1e9, 1)
+        assert float(total) == pytest.approx(flops * 400e6 * 32, rel=1e-2)
+        hours = flops * 400e6 * 32 / (0.4 * peaks[gpu]) / 3600
+        assert int(gpu_hours.replace(",", "")) == round(hours)
+        assert (float(wall512), float(wall256)) == (round(hours / 512, 2), round(hours / 256, 2))
+        assert int(per_gpu.replace(",", "")) == round(0.4 * peaks[gpu] / flops)
+
+
+def test_kuberay_paper_scale_keeps_the_same_choices():
+    docs = [d for d in yaml.safe_load_all(KUBERAY_PAPER.read_text()) if d]
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    spec = cluster["spec"]
+    assert spec["rayVersion"] == pyproject_pins()["ray"] and spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    cfg = paper_config()
+    (aws_name,) = worker_types(cfg)
+    aws_type = cfg["available_node_types"][aws_name]
+    node = aws_type["node_config"]
+    (group,) = spec["workerGroupSpecs"]
+    assert group["minReplicas"] == 0 and group["maxReplicas"] == aws_type["max_workers"]
+    params = group["rayStartParams"]
+    resources = {"CPU": int(params["num-cpus"]), "GPU": int(params["num-gpus"])}
+    resources.update(yaml.safe_load(yaml.safe_load(params["resources"])))
+    assert resources == aws_type["resources"]
+    pod = group["template"]["spec"]
+    assert pod["nodeSelector"]["node.kubernetes.io/instance-type"] == node["InstanceType"]
+    (container,) = pod["containers"]
+    limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+    assert int(limits["nvidia.com/gpu"]) == resources["GPU"]
+    assert int(limits["vpc.amazonaws.com/efa"]) == len(node["NetworkInterfaces"])  # every card as EFA
+    assert limits["hugepages-2Mi"] == requests["hugepages-2Mi"]  # libfabric's buffers; requests == limits
+    assert int(limits["cpu"]) >= resources["ingest_cpu"] + resources["GPU"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert {k: v for k, v in docker_env(cfg).items()} == env  # the same environment as on EC2
+    assert container["image"] == cfg["docker"]["image"]
+    labels = group["template"]["metadata"]["labels"]
+    (zone,) = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    (host,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert (
+        zone["topologyKey"] == "topology.kubernetes.io/zone"
+        and host["topologyKey"] == "kubernetes.io/hostname"
+    )
+    assert zone["labelSelector"]["matchLabels"] == labels == host["labelSelector"]["matchLabels"]
+    assert {v["name"] for v in pod["volumes"]} >= {"dshm"}
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    assert pod["serviceAccountName"] in accounts

@@ -187,7 +187,9 @@ def test_streamed_tally_equals_whole_matrix_metrics():
     for start in range(0, 50, 16):
         tally.add(logits[start : start + 16].topk(tally.k, dim=-1).indices, labels[start : start + 16])
     streamed, whole = tally.result(), classification_metrics(logits, labels, names)
-    assert streamed["top1"] == pytest.approx(whole["top1"]) and streamed["top5"] == pytest.approx(whole["top5"])
+    assert streamed["top1"] == pytest.approx(whole["top1"]) and streamed["top5"] == pytest.approx(
+        whole["top5"]
+    )
     assert {k: v for k, v in streamed.items() if k not in ("top1", "top5")} == {
         k: v for k, v in whole.items() if k not in ("top1", "top5")
     }
