@@ -135,6 +135,20 @@ def test_job_evaluates_local_and_s3_datasets_against_a_direct_computation(bench,
     assert "openai_paper_top1" in table and table.strip() in printed
 
 
+def test_a_dataset_not_in_the_layout_is_a_one_line_error(bench, tmp_path, capsys):
+    broken = tmp_path / "wds_broken"
+    (broken / "test").mkdir(parents=True)
+    (broken / "test" / "00000.tar").write_bytes(
+        (bench["base"] / "wds_shapes" / "test" / "00000.tar").read_bytes()
+    )
+    (broken / "classnames.txt").write_text("\n".join(CLASSNAMES))
+    args = [f"checkpoint={bench['ckpt']}", f"output_dir={tmp_path / 'out'}", "embed.use_ray=never"]
+    assert load_job().main([*args, f"benchmark.datasets=[{broken}]"]) == 2
+    assert "zeroshot_classification_templates.txt" in capsys.readouterr().err
+    assert load_job().main([*args, f"benchmark.datasets=[{broken}]", "benchmark.split=val"]) == 2
+    assert "no val/*.tar" in capsys.readouterr().err
+
+
 def test_prompts_are_embedded_by_the_pool_not_the_driver(bench, ray_local, monkeypatch):
     """With Ray the driver's model encodes no prompt and no image; the pool's answer is the hand computation."""
     calls = {"text": 0, "image": 0}

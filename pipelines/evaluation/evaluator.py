@@ -143,8 +143,13 @@ class Evaluator:
                 for uri in layout.tars
             ]
             eval_set = EvalSet("shards", layout.root, units, layout.class_names)
-            result = self.classify(f"benchmark_{layout.name}", eval_set, layout.templates)
-            rows.append(published.benchmark_row(layout.name, bc.split, model, result))
+            name = (
+                layout.name
+                if layout.name not in {r["dataset"] for r in rows}
+                else f"{layout.name}_{len(rows)}"
+            )
+            result = self.classify(f"benchmark_{name}", eval_set, layout.templates)
+            rows.append(published.benchmark_row(name, bc.split, model, result))
         return rows
 
     def linear_probe(self) -> dict:
