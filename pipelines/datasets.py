@@ -94,6 +94,8 @@ def list_shards(data_uri: str, data_format: str = "webdataset") -> list[str]:
             uris.extend(expand_braces(part))
         elif part.endswith(tuple(EXTENSIONS.values())):
             uris.append(part)
+        elif (indexed := indexed_shards(part, data_format)) is not None:
+            uris.extend(indexed)  # our index lists the shards: no listing of a folder of millions of keys
         else:
             names = ((u, u.rsplit("/", 1)[-1]) for u in storage.list_files(part, ext))
             uris.extend(u for u, n in names if ".tmp-" not in n and not n.startswith(("_", ".")))  # _index
@@ -115,6 +117,16 @@ def read_index(folder: str) -> dict[str, dict] | None:
         return None
     table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
     return {row["shard"]: row for row in table.to_pylist()}
+
+
+def indexed_shards(folder: str, data_format: str) -> list[str] | None:
+    """The shard files of `data_format` that `{folder}/_index.parquet` locates (its `tar_path` /
+    `parquet_path` columns, relative to the folder), in shard order; None when there is no such index."""
+    index = read_index(folder)
+    column = "tar_path" if data_format == "webdataset" else "parquet_path"
+    if not index or column not in next(iter(index.values())):
+        return None
+    return [storage.join(folder, row[column]) for _, row in sorted(index.items()) if row[column]]
 
 
 def _from_index(uris: Sequence[str], data_format: str) -> dict[str, int]:

@@ -25,6 +25,7 @@ from pipelines import storage
 
 FORMATS = ("webdataset", "parquet")
 MANIFEST_SUFFIX = ".manifest.json"
+INDEX_FILE = "_index.parquet"  # shard -> samples, bytes, file paths (pipelines/crawl/aggregate.py)
 # Columns every Parquet shard has, in this order; further metadata fields follow.
 META_COLUMNS = ("url", "caption", "query", "width", "height", "original_width", "original_height", "sha256")
 
@@ -129,7 +130,11 @@ def write_shard(
 
 
 def committed_names(out_uri: str) -> set[str]:
-    """Names of the committed shards, found by listing (no manifest is read)."""
+    """Names of the committed shards (no manifest is read): the shards of `_index.parquet`, which a build
+    writes last, once every shard is committed; else (a build not yet finished) by listing the manifests."""
+    index = storage.join(out_uri, INDEX_FILE)
+    if storage.exists(index):
+        return set(pq.read_table(io.BytesIO(storage.read_bytes(index)), columns=["shard"])["shard"].to_pylist())
     return {
         u.rsplit("/", 1)[-1][: -len(MANIFEST_SUFFIX)] for u in storage.list_files(out_uri, MANIFEST_SUFFIX)
     }

@@ -2,7 +2,8 @@
 
 S3 uses pyarrow's normal AWS credential chain (env vars, profile, instance profile). For S3-compatible
 servers (MinIO, moto on loopback in the tests) set `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`.
-Writes go to a temporary name first and are then moved, so a reader never sees half a file.
+A reader never sees half a file: S3 objects are written with one PUT, local files under a temporary
+name that is then renamed.
 """
 
 from __future__ import annotations
@@ -83,10 +84,17 @@ def local_file(uri: str) -> str:
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write to `<name>.tmp-<random>` then move into place (a rename locally, copy+delete on S3)."""
+    """Write `uri` so that no reader ever sees half of it. On S3 that is one PUT (an object appears whole
+    or not at all; no copy, no delete); locally, `<name>.tmp-<random>` then a rename."""
     fs, path = resolve(uri)
+    if is_s3(uri):
+        # pyarrow sends a body that fits in one part as a single PutObject on close (a larger one as a
+        # multipart upload, which is just as atomic: the object appears when it completes).
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent and not is_s3(uri):
+    if parent:
         fs.create_dir(parent, recursive=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     with fs.open_output_stream(tmp) as f:

@@ -18,7 +18,9 @@ import pyarrow.compute as pc
 
 from pipelines import faults, shards, storage
 from pipelines.crawl import shard as shard_files
+from pipelines.crawl.captions import normalise_captions
 from pipelines.crawl.config import CrawlConfig
+from pipelines.crawl.crawl import result_columns
 from pipelines.crawl.plan import Layout, read_pieces
 
 
@@ -72,7 +74,15 @@ class StageAdapter:
 
 
 async def crawl_table(crawler: StageAdapter, table: pa.Table, batch_size: int) -> pa.Table:
-    """Crawl `table` in calls of `batch_size` rows that run concurrently; rows stay in order."""
+    """Crawl `table` in calls of `batch_size` rows that run concurrently; rows stay in order. Rows that
+    arrive with a drop reason in `status` (a bad caption, captions.py) are not fetched and keep it."""
+    if "status" in table.column_names and table.column("status").null_count < table.num_rows:
+        bad = pc.is_valid(table.column("status"))
+        dropped = table.filter(bad)
+        dropped = result_columns([{"status": s} for s in dropped.column("status").to_pylist()], dropped)
+        todo = table.filter(pc.invert(bad))
+        crawled = await crawl_table(crawler, todo, batch_size) if todo.num_rows else result_columns([], todo)
+        return pa.concat_tables([crawled, dropped]).sort_by("ordinal")
     if table.num_rows <= batch_size:
         return await crawler.crawl(table)
     parts = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
@@ -103,7 +113,8 @@ class ShardWorker:
         return await asyncio.to_thread(self._commit, name, crawled)
 
     def _read(self, shard: int, pieces: list[tuple[str, int, int]]) -> pa.Table:
-        return read_pieces(pieces, shard * self.layout.samples_per_shard, self.layout.samples_per_shard)
+        table = read_pieces(pieces, shard * self.layout.samples_per_shard, self.layout.samples_per_shard)
+        return normalise_captions(table, self.cfg.max_caption_chars, self.cfg.long_captions)
 
     def _commit(self, name: str, crawled: pa.Table) -> dict[str, Any]:
         rows = shard_files.rows_table(crawled)
