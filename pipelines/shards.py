@@ -134,7 +134,9 @@ def committed_names(out_uri: str) -> set[str]:
     writes last, once every shard is committed; else (a build not yet finished) by listing the manifests."""
     index = storage.join(out_uri, INDEX_FILE)
     if storage.exists(index):
-        return set(pq.read_table(io.BytesIO(storage.read_bytes(index)), columns=["shard"])["shard"].to_pylist())
+        return set(
+            pq.read_table(io.BytesIO(storage.read_bytes(index)), columns=["shard"])["shard"].to_pylist()
+        )
     return {
         u.rsplit("/", 1)[-1][: -len(MANIFEST_SUFFIX)] for u in storage.list_files(out_uri, MANIFEST_SUFFIX)
     }

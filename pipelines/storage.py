@@ -34,7 +34,9 @@ def s3_filesystem() -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
+    # Delayed open: an output stream starts no multipart upload before its first full part, so a small
+    # object is one PutObject on close (an eager open costs create + upload part + complete).
+    return pafs.S3FileSystem(allow_delayed_open=True, **kwargs)
 
 
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -88,8 +90,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     or not at all; no copy, no delete); locally, `<name>.tmp-<random>` then a rename."""
     fs, path = resolve(uri)
     if is_s3(uri):
-        # pyarrow sends a body that fits in one part as a single PutObject on close (a larger one as a
-        # multipart upload, which is just as atomic: the object appears when it completes).
+        # A body that fits in one part is a single PutObject (s3_filesystem: delayed open); a larger one a
+        # multipart upload, just as atomic: the object appears when the upload completes.
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
