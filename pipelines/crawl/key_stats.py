@@ -5,8 +5,8 @@ input, kept, dropped) sit beside `_stats.json`, each a folder of Parquet parts t
 takes (`read_table(out_uri, "domains")`, `pq.read_table(folder)`, `ray.data.read_parquet(folder)`);
 `_stats.json` gets only their sizes and top-K rows. The driver never holds a row per domain or query:
 up to `ROWS_PER_TASK` sidecar rows one task groups them with pyarrow; above that a Ray Data job
-hash-shuffles them (`groupby(...).sum`, bounded memory per task), writes the parts and returns the top-K
-of each block. `kept + dropped = input` per key, `duplicate` is part of `dropped`.
+hash-shuffles them (one `groupby(["table", "key"]).sum` for both tables, bounded memory per task), writes
+the parts and returns the top-K of each block. `kept + dropped = input` per key, `duplicate` is part of `dropped`.
 """
 
 from __future__ import annotations
@@ -99,32 +99,63 @@ def _in_one_task(out_uri: str, k: int) -> dict[str, list[dict[str, Any]]]:
     return tops
 
 
-def _with_sums(batch: pa.Table, name: str) -> pa.Table:
+def _both_tables(batch: pa.Table) -> pa.Table:
+    """Sidecar rows -> (table, key, counts) rows for both tables, so that one shuffle groups them all."""
+    counts = count_rows(batch)
+    sums = SUMS["domains"]
+    parts = [
+        counts.select([key, *sums])
+        .rename_columns(["key", *sums])
+        .append_column("table", pa.array([name] * counts.num_rows, pa.string()))
+        for name, key in TABLES.items()
+    ]
+    return pa.concat_tables(parts)
+
+
+def _summed(batch: pa.Table) -> pa.Table:
     """Ray Data's `sum(col)` names back to `col`."""
-    return batch.rename_columns([c[4:-1] if c.startswith("sum(") else c for c in batch.column_names]).select(
+    return batch.rename_columns([c[4:-1] if c.startswith("sum(") else c for c in batch.column_names])
+
+
+def _one_table(batch: pa.Table, name: str) -> pa.Table:
+    rows = batch.filter(pc.equal(batch.column("table"), name))
+    return rows.rename_columns([TABLES[name] if c == "key" else c for c in rows.column_names]).select(
         [TABLES[name], *SUMS[name]]
     )
 
 
+def _tops(batch: pa.Table, k: int) -> pa.Table:
+    """The top-K rows of each table in a block, in one long table (the driver picks the global ones)."""
+    parts = [top(_one_table(batch, name), name, k) for name in TABLES]
+    return pa.concat_tables([p.rename_columns(["key", *p.column_names[1:]]).append_column(
+        "table", pa.array([name] * p.num_rows, pa.string())) for name, p in zip(TABLES, parts)],
+        promote_options="default")  # fmt: skip
+
+
 def _with_ray_data(out_uri: str, num_rows: int, k: int) -> dict[str, list[dict[str, Any]]]:
-    """Large builds: a hash shuffle per table (bounded memory per task); the driver sees top-K per block."""
+    """Large builds: one hash shuffle groups both tables (bounded memory per task); the grouped rows (one
+    per key, in the object store, spilled if need be) are written per table; the driver sees the top-K
+    rows of each block."""
     fs, paths = _sidecar_paths(out_uri)
-    partitions = max(2, min(1024, math.ceil(num_rows / ROWS_PER_PARTITION)))
-    tops = {}
-    for name, key in TABLES.items():  # the sidecars are read once per table: nothing is held between
-        counts = ray.data.read_parquet(paths, filesystem=fs, columns=READ_COLUMNS)
-        table = (
-            counts.map_batches(count_rows, batch_format="pyarrow")
-            .groupby(key, num_partitions=partitions)
-            .sum(SUMS[name])
-            .map_batches(_with_sums, fn_args=(name,), batch_format="pyarrow")
-        )
+    partitions = max(2, min(1024, math.ceil(2 * num_rows / ROWS_PER_PARTITION)))
+    grouped = (
+        ray.data.read_parquet(paths, filesystem=fs, columns=READ_COLUMNS)
+        .map_batches(_both_tables, batch_format="pyarrow")
+        .groupby(["table", "key"], num_partitions=partitions)
+        .sum(SUMS["domains"])
+        .map_batches(_summed, batch_format="pyarrow")
+        .materialize()
+    )
+    for name in TABLES:
         target_fs, target_path = storage.resolve(folder(out_uri, name))
+        table = grouped.map_batches(_one_table, fn_args=(name,), batch_format="pyarrow")
         table.write_parquet(target_path, filesystem=target_fs)
-        written = ray.data.read_parquet(target_path, filesystem=target_fs, file_extensions=["parquet"])
-        best = written.map_batches(top, fn_args=(name, k), batch_format="pyarrow", batch_size=None)
-        tops[name] = top(pa.Table.from_pylist(best.take_all()), name, k).to_pylist()
-    return tops
+    best = pa.Table.from_pylist(
+        grouped.map_batches(_tops, fn_args=(k,), batch_format="pyarrow", batch_size=None).take_all()
+    )
+    return {
+        name: top(_one_table(best, name), name, k).to_pylist() if best.num_rows else [] for name in TABLES
+    }
 
 
 def write_key_stats(out_uri: str, num_rows: int, k: int = TOP_K) -> dict[str, Any]:
