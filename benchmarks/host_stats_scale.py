@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import ray
+
+import psutil  # isort: skip (Ray's own copy, on sys.path once ray is imported; not a dependency of ours)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

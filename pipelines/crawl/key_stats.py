@@ -15,6 +15,7 @@ import io
 import math
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -46,7 +47,7 @@ def count_rows(batch: pa.Table) -> pa.Table:
     kept = pc.and_(
         pc.is_null(batch.column("status")), pc.invert(pc.fill_null(batch.column("duplicate"), False))
     )
-    ones = pa.array([1] * batch.num_rows, pa.int64())
+    ones = pa.array(np.ones(batch.num_rows, np.int64))
     kept = pc.cast(kept, pa.int64())
     return pa.table(
         {
@@ -99,17 +100,17 @@ def _in_one_task(out_uri: str, k: int) -> dict[str, list[dict[str, Any]]]:
     return tops
 
 
+def _tagged(table: pa.Table, name: str) -> pa.Table:
+    """Rows of table `name` in the long layout of the shuffle: `key` for the key column, plus `table`."""
+    table = table.rename_columns(["key" if c == TABLES[name] else c for c in table.column_names])
+    return table.append_column("table", pa.array([name] * table.num_rows, pa.string()))
+
+
 def _both_tables(batch: pa.Table) -> pa.Table:
     """Sidecar rows -> (table, key, counts) rows for both tables, so that one shuffle groups them all."""
     counts = count_rows(batch)
-    sums = SUMS["domains"]
-    parts = [
-        counts.select([key, *sums])
-        .rename_columns(["key", *sums])
-        .append_column("table", pa.array([name] * counts.num_rows, pa.string()))
-        for name, key in TABLES.items()
-    ]
-    return pa.concat_tables(parts)
+    sums = SUMS["domains"]  # every count; `_one_table` keeps a table's own
+    return pa.concat_tables([_tagged(counts.select([key, *sums]), name) for name, key in TABLES.items()])
 
 
 def _summed(batch: pa.Table) -> pa.Table:
@@ -125,11 +126,9 @@ def _one_table(batch: pa.Table, name: str) -> pa.Table:
 
 
 def _tops(batch: pa.Table, k: int) -> pa.Table:
-    """The top-K rows of each table in a block, in one long table (the driver picks the global ones)."""
-    parts = [top(_one_table(batch, name), name, k) for name in TABLES]
-    return pa.concat_tables([p.rename_columns(["key", *p.column_names[1:]]).append_column(
-        "table", pa.array([name] * p.num_rows, pa.string())) for name, p in zip(TABLES, parts)],
-        promote_options="default")  # fmt: skip
+    """The top-K rows of each table in a block, in the long layout (the driver picks the global ones)."""
+    parts = [_tagged(top(_one_table(batch, name), name, k), name) for name in TABLES]
+    return pa.concat_tables(parts, promote_options="default")  # queries lack duplicate, download_bytes
 
 
 def _with_ray_data(out_uri: str, num_rows: int, k: int) -> dict[str, list[dict[str, Any]]]:
