@@ -92,7 +92,7 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     if is_s3(uri):
         # A body that fits in one part is a single PutObject (s3_filesystem: delayed open); a larger one a
         # multipart upload, just as atomic: the object appears when the upload completes.
-        with fs.open_output_stream(path) as f:
+        with fs.open_output_stream(path, compression=None) as f:  # the bytes as given, even for `.gz`
             f.write(data)
         return
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
