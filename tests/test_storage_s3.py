@@ -138,3 +138,18 @@ def test_a_shard_is_one_put_per_object_and_readers_list_nothing(ray_local, s3_se
     assert all(r[1].endswith(aggregate.INDEX_FILE) for r in reads), reads
     assert [s["key"] for s in shards.read_shard_samples(found[1].uri)] == ["000010", "000011", "000012"]
     assert storage.read_json(f"{out}/00001.manifest.json")["count"] == 3
+
+
+def test_an_object_above_one_part_is_one_multipart_upload_never_copied(s3_server, proxy):
+    bucket = s3_server.make_bucket("big-put")
+    data = bytes(range(256)) * (12 * 4096)  # 12 MiB: more than one of pyarrow's upload parts
+    proxy.take()
+    storage.write_bytes_atomic(f"{bucket}/wit/00000.tar", data)
+    writes = proxy.take()
+    # create, two parts (uploaded in the background, in either order), complete: the object appears whole
+    assert (writes[0][0], writes[0][2]) == ("POST", "uploads") and writes[-1][0] == "POST", writes
+    assert writes[-1][2].startswith("uploadId=") and len(writes) == 4, writes
+    assert all(m == "PUT" and q.startswith("partNumber=") for m, _, q, _ in writes[1:3]), writes
+    assert {p for _, p, _, _ in writes} == {"/big-put/wit/00000.tar"}  # no temporary key, no copy
+    assert all(copy is None for *_, copy in writes) and not any(m == "DELETE" for m, *_ in writes)
+    assert storage.read_bytes(f"{bucket}/wit/00000.tar") == data
