@@ -135,13 +135,26 @@ def _from_index(uris: Sequence[str], data_format: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     indexes: dict[str, dict | None] = {}
     for uri in uris:
-        folder = _parent(uri)
-        if folder not in indexes:
-            indexes[folder] = read_index(folder)
-        row = (indexes[folder] or {}).get(shard_name(uri))
+        row = _index_row(uri, indexes)
         if row is not None and row.get(bytes_column, 1) != 0:
             counts[uri] = int(row["num_samples"])
     return counts
+
+
+def _index_row(uri: str, indexes: dict[str, dict | None]) -> dict | None:
+    """A shard's row in the index beside it or, for a shard in a prefix folder (shards.shard_dir), in
+    the dataset folder above, where the row's path must name it. `indexes` caches reads per folder."""
+    parent = _parent(uri)
+    for folder in (parent, _parent(parent)):
+        if folder not in indexes:
+            indexes[folder] = read_index(folder)
+        row = (indexes[folder] or {}).get(shard_name(uri))
+        if folder == parent and (row is not None or indexes[folder] is not None):
+            return row
+        relative = uri[len(folder) + 1 :]
+        if row is not None and relative in (row.get("tar_path"), row.get("parquet_path")):
+            return row
+    return None
 
 
 def count_rows(uri: str) -> int:

@@ -78,22 +78,32 @@ def keys_digest(keys: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def shard_dir(shard_name: str, prefix_chars: int = 0) -> str:
+    """The folder of a shard's data files, relative to the dataset: "" (flat, img2dataset's layout), or
+    the first `prefix_chars` hex digits of the name's sha1, which spreads the keys of a big dataset over
+    16**prefix_chars S3 prefixes (each prefix has its own request rate; listings stay short)."""
+    return hashlib.sha1(shard_name.encode()).hexdigest()[:prefix_chars] if prefix_chars else ""
+
+
 def write_shard_files(
-    samples: Sequence[dict[str, Any]], out_uri: str, shard_name: str, formats: Sequence[str] = FORMATS
+    samples: Sequence[dict[str, Any]],
+    out_uri: str,
+    shard_name: str,
+    formats: Sequence[str] = FORMATS,
+    subdir: str = "",
 ) -> dict[str, int]:
-    """Write one shard's data files (each atomically). Returns {file name: bytes}."""
+    """Write one shard's data files (each atomically) under `subdir` (`shard_dir`). Returns {path relative
+    to `out_uri`: bytes}, what the manifest and the index record."""
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise ValueError(f"unknown shard format(s) {sorted(unknown)}; choose from {list(FORMATS)}")
     files = {}
-    if "webdataset" in formats:
-        data = tar_bytes(samples)
-        storage.write_bytes_atomic(storage.join(out_uri, f"{shard_name}.tar"), data)
-        files[f"{shard_name}.tar"] = len(data)
-    if "parquet" in formats:
-        data = parquet_bytes(samples)
-        storage.write_bytes_atomic(storage.join(out_uri, f"{shard_name}.parquet"), data)
-        files[f"{shard_name}.parquet"] = len(data)
+    for fmt, ext, encode in (("webdataset", ".tar", tar_bytes), ("parquet", ".parquet", parquet_bytes)):
+        if fmt in formats:
+            data = encode(samples)
+            relative = f"{subdir}/{shard_name}{ext}" if subdir else f"{shard_name}{ext}"
+            storage.write_bytes_atomic(storage.join(out_uri, relative), data)
+            files[relative] = len(data)
     return files
 
 

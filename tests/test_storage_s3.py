@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import io
 import threading
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines import datasets, shards, storage
@@ -153,3 +155,40 @@ def test_an_object_above_one_part_is_one_multipart_upload_never_copied(s3_server
     assert {p for _, p, _, _ in writes} == {"/big-put/wit/00000.tar"}  # no temporary key, no copy
     assert all(copy is None for *_, copy in writes) and not any(m == "DELETE" for m, *_ in writes)
     assert storage.read_bytes(f"{bucket}/wit/00000.tar") == data
+
+
+def test_a_build_with_prefix_folders_is_read_through_its_index(
+    ray_local, s3_server, http_server, crawl_config
+):
+    """`crawl.shard_prefix_chars=2`: shard files under hash-prefix folders, deduped across shards (the
+    compaction finds them through the manifests), located by `_index.parquet` for every reader."""
+    from pipelines.crawl.build import build_crawl
+    from pipelines.crawl.testsite import rendered_images
+
+    bucket = s3_server.make_bucket("prefixed")
+    images = rendered_images(9, seed=5, size=64)
+    rows = [{"url": http_server.put_file(f"prefixed/{i}.{ext}", data), "caption": caption}
+            for i, (data, ext, caption) in enumerate(images)]  # fmt: skip
+    rows.append({"url": http_server.put_file("prefixed/copy.jpg", images[0][0]), "caption": "a copy"})
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    storage.write_bytes_atomic(f"{bucket}/urls.parquet", buf.getvalue())
+    out = f"{bucket}/wit"
+    stats = build_crawl(
+        f"{bucket}/urls.parquet", crawl_config(samples_per_shard=4, shard_prefix_chars=2), out
+    )
+    assert stats["totals"] == {"input": 10, "kept": 9, "dropped": {"duplicate": 1}, "shards": 3}
+
+    top = {u.rsplit("/", 1)[1] for u in storage.list_files(out)}
+    assert not any(n.endswith((".tar", ".parquet")) and n != "_index.parquet" for n in top), top
+    index = datasets.read_index(out)
+    for name, row in index.items():
+        assert (
+            row["tar_path"] == f"{shards.shard_dir(name, 2)}/{name}.tar"
+            and len(shards.shard_dir(name, 2)) == 2
+        )
+    found = datasets.resolve(out)
+    assert [s.num_samples for s in found] == [4, 4, 1]  # the copy (last row, shard 2) left out
+    assert all(s.uri == f"{out}/{index[s.name]['tar_path']}" for s in found)
+    samples = [s for u in shards.shard_files(out) for s in shards.read_shard_samples(u)]
+    assert sorted(s["json"]["url"] for s in samples) == sorted(r["url"] for r in rows[:9])

@@ -48,6 +48,9 @@ class CrawlConfig:
     # `long_captions: truncate`, cut to it and counted (pipelines/crawl/captions.py).
     max_caption_chars: int = 1000
     long_captions: str = "drop"
+    # 0: shard files flat beside the manifests (img2dataset's layout, brace lists work); n > 0: under a
+    # folder of n hex digits of the shard name's hash (16**n S3 prefixes); `_index.parquet` locates them.
+    shard_prefix_chars: int = 0
 
     def __post_init__(self) -> None:
         if self.crawler not in ("ray", "img2dataset"):
@@ -59,6 +62,8 @@ class CrawlConfig:
                 raise ValueError(f"crawl.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_caption_chars < 1:
             raise ValueError(f"crawl.max_caption_chars must be >= 1, got {self.max_caption_chars}")
+        if not 0 <= self.shard_prefix_chars <= 8:
+            raise ValueError(f"crawl.shard_prefix_chars must be 0..8, got {self.shard_prefix_chars}")
         if self.long_captions not in ("drop", "truncate"):
             raise ValueError(f"crawl.long_captions must be 'drop' or 'truncate', got {self.long_captions!r}")
         if self.num_workers < 0:

@@ -60,9 +60,10 @@ def compact_shard(group: pa.Table, out_uri: str, layout: Layout, formats: Sequen
         return pa.table({"shard": [shard], "rewritten": [0]})
     rows = shard_files.read_rows(out_uri, name)
     ext = ".tar" if "webdataset" in formats else ".parquet"
-    samples = [s for s in shards.read_shard_samples(storage.join(out_uri, name + ext))
+    path = next(p for p in manifest["files"] if p.endswith(ext))  # relative: `{subdir}/{name}{ext}`
+    samples = [s for s in shards.read_shard_samples(storage.join(out_uri, path))
                if s["json"]["ordinal"] not in duplicates]  # fmt: skip
-    shard_files.commit(out_uri, name, samples, rows, duplicates, formats)
+    shard_files.commit(out_uri, name, samples, rows, duplicates, formats, path.rpartition("/")[0])
     return pa.table({"shard": [shard], "rewritten": [1]})
 
 

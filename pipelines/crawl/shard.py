@@ -172,9 +172,11 @@ def commit(
     rows: pa.Table,
     excluded: Collection[int],
     formats: Sequence[str],
+    subdir: str = "",
 ) -> dict[str, Any]:
-    """Write a shard's files, its sidecar, then its manifest (the commit). Returns the small record."""
-    files = shards.write_shard_files(samples, out_uri, name, formats)
+    """Write a shard's files (under `subdir`: shards.shard_dir), its sidecar, then its manifest (the
+    commit). Returns the small record."""
+    files = shards.write_shard_files(samples, out_uri, name, formats, subdir)
     buf = io.BytesIO()
     pq.write_table(sidecar(rows, excluded), buf)
     storage.write_bytes_atomic(rows_uri(out_uri, name), buf.getvalue())

@@ -120,7 +120,7 @@ class ShardWorker:
         rows = shard_files.rows_table(crawled)
         excluded = shard_files.first_copies(rows) if self.cfg.dedupe else set()
         samples = shard_files.samples_of(crawled, self.layout, excluded)
-        return shard_files.commit(self.out_uri, name, samples, rows, excluded, self.formats)
+        return shard_files.commit(self.out_uri, name, samples, rows, excluded, self.formats, self._dir(name))
 
     async def retry_shard(self, shard: int, pieces: list[tuple[str, int, int]]) -> dict[str, Any]:
         await self.ready()
@@ -150,11 +150,17 @@ class ShardWorker:
         fresh = shard_files.samples_of(crawled, self.layout, excluded)
         samples = sorted([s for s in kept if s["json"]["ordinal"] not in excluded] + fresh,
                          key=lambda s: s["json"]["ordinal"])  # fmt: skip
-        return shard_files.commit(self.out_uri, name, samples, merged, excluded, self.formats)
+        return shard_files.commit(
+            self.out_uri, name, samples, merged, excluded, self.formats, self._dir(name)
+        )
+
+    def _dir(self, name: str) -> str:
+        return shards.shard_dir(name, self.cfg.shard_prefix_chars)
 
     def _file(self, name: str) -> str:
         ext = ".tar" if "webdataset" in self.formats else ".parquet"
-        return storage.join(self.out_uri, name + ext)
+        subdir = self._dir(name)
+        return storage.join(self.out_uri, f"{subdir}/{name}{ext}" if subdir else name + ext)
 
     async def close(self) -> None:
         if self.crawler is not None:
