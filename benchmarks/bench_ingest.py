@@ -193,7 +193,7 @@ def report(results: dict, args) -> dict:
     ratio = results["ours"]["per_cpu_s"] / results["open_clip"]["per_cpu_s"]
     print(f"ours / open_clip: {ratio:.2f}x samples per CPU-second")
     print(f"\nstragglers: 1 decode task in {args.one_in} delayed {args.delay_s} s, a step every {args.step_ms} ms, "
-          f"{args.straggler_steps} steps, decode batches of {args.decode_batch}")  # fmt: skip
+          f"{args.straggler_steps} steps, decode batches of {args.straggler_batch}")  # fmt: skip
     print(f"{'ingest':<34} {'delayed steps':>14} {'time waiting':>13} {'copies':>7} {'at 512 ranks':>13}")
     shares = {}
     for name in ("old fixed window (decode_ahead=4)", "seconds ahead + copies (default)"):
