@@ -29,8 +29,17 @@ class TrainConfig:
     decode_on: Literal["tasks", "worker"] = "tasks"
     decode_resource: str = "CPU"
     decode_cpus: float = 0.5  # of decode_resource per decode task
-    decode_ahead: int = 4  # decode batches in flight per training worker
+    decode_ahead: int = 4  # decode batches in flight per training worker, at least
     decode_batch_size: int = 64
+    # Decoded data ahead of the trainer in seconds: enough decode batches in flight to cover this many
+    # seconds at the trainer's measured pace (so one slow batch hides behind the others), at most
+    # `decode_ahead_max_mb` of decoded uint8 per worker. 0 = exactly `decode_ahead` batches.
+    decode_ahead_s: float = 2.0
+    decode_ahead_max_mb: float = 512.0
+    # A decode batch running `straggler_factor` x the median batch time (and at least `straggler_min_s`)
+    # gets a second copy; the first result wins. 0 = never.
+    straggler_factor: float = 3.0
+    straggler_min_s: float = 1.0
 
     # Batch and length. The global contrastive batch is batch_size * num_workers; with accum_steps > 1
     # each worker splits its batch into that many micro-batches (exact gradient cache, see gradcache.py).
@@ -92,6 +101,10 @@ class TrainConfig:
             problems.append("num_workers must be >= 1")
         if self.shards_in_flight < 1 or self.decode_ahead < 1 or self.decode_batch_size < 1:
             problems.append("shards_in_flight, decode_ahead and decode_batch_size must be >= 1")
+        if self.decode_ahead_s < 0 or self.decode_ahead_max_mb <= 0 or self.straggler_min_s < 0:
+            problems.append("decode_ahead_s and straggler_min_s must be >= 0, decode_ahead_max_mb > 0")
+        if self.straggler_factor != 0 and self.straggler_factor < 1:
+            problems.append(f"straggler_factor {self.straggler_factor} must be 0 (off) or >= 1")
         if self.epochs < 1 and self.max_steps < 1:
             problems.append("set epochs >= 1 or max_steps >= 1")
         if self.compile and not _known_backend(self.compile_backend):

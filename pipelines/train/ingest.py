@@ -12,9 +12,16 @@ Decoding (JPEG -> seeded random square crop -> uint8 HWC, captions -> token ids)
 `decode_on` says:
 - "tasks": Ray tasks asking for `decode_resource` (default "CPU": CPU nodes; "ingest_cpu": the GPU nodes'
   own cores, a custom resource only GPU node types advertise and CPU-only work never asks for; those tasks
-  prefer the worker's own node). `decode_ahead` batches are in flight, results are taken in order.
+  prefer the worker's own node).
 - "worker": threads of the training worker itself (JPEG bytes are all that travels).
 Either way uint8 images (150 kB per 224 px sample, a quarter of float32) reach the trainer.
+
+How much is decoded ahead is measured in seconds, not batches: enough decode work stays in flight to cover
+`decode_ahead_s` seconds at the trainer's measured pace (`ReadAhead`, at least `decode_ahead` batches, at most
+`decode_ahead_max_mb`), so a slow batch (a busy node, a cold read, a huge JPEG) is hidden behind the rest.
+Batches may finish in any order inside that window (`DecodeWindow`); the trainer always takes the oldest,
+so batches and the checkpointed position are the same whatever the completion order. A batch still running
+well past the usual batch time gets a second copy; the first result wins.
 
 Bad rows (undecodable image, missing caption) are not trained on: they are counted by reason as the
 batcher passes them, so trained + bad + rows not reached = rows of the epoch.
@@ -25,8 +32,11 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import statistics
+import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -154,11 +164,19 @@ class DecodeSettings:
     decode_on: str = "tasks"  # "tasks" | "worker"
     decode_resource: str = "CPU"
     decode_cpus: float = 0.5
-    decode_ahead: int = 4
+    decode_ahead: int = 4  # at least this many decode batches in flight (0 seconds below: exactly this many)
     decode_batch_size: int = 64
+    decode_ahead_s: float = 2.0  # rows decoded or in flight: this many seconds at the trainer's rate...
+    decode_ahead_max_mb: float = 512.0  # ...bounded by this much decoded uint8 data
+    straggler_factor: float = 3.0  # a decode batch running k x the median batch time gets a copy (0: never)
+    straggler_min_s: float = 1.0  # ...but never before this many seconds
 
     def args(self) -> tuple:
         return (self.image_size, self.merges_path, self.context_length, self.seed)
+
+    def row_bytes(self) -> int:
+        """Decoded bytes of one row: uint8 image, int32 tokens, int8 status."""
+        return self.image_size * self.image_size * 3 + 4 * self.context_length + 1
 
 
 def task_options(settings: DecodeSettings, node_id: str) -> dict:
@@ -177,16 +195,19 @@ def task_options(settings: DecodeSettings, node_id: str) -> dict:
 
 
 class Decoder:
-    """Submits decode batches (Ray tasks or local threads) and returns their results in submission order."""
+    """Submits decode batches (Ray tasks or local threads); `wait` says which have finished, in any order.
 
-    def __init__(self, settings: DecodeSettings):
-        self.settings = settings
+    `decode` is the function that runs (`decode_batch`); a test or benchmark may pass a wrapper of it (e.g.
+    one that delays chosen batches, pipelines/train/stragglers.py) without the product knowing of it."""
+
+    def __init__(self, settings: DecodeSettings, decode: Callable = decode_batch):
+        self.settings, self._decode = settings, decode
         if settings.decode_on == "tasks":
             import ray
 
             options = task_options(settings, ray.get_runtime_context().get_node_id())
-            self._task = ray.remote(decode_batch).options(**options)
-            self._get = ray.get
+            self._ray = ray
+            self._task = ray.remote(decode).options(**options)
         elif settings.decode_on == "worker":
             self._pool = ThreadPoolExecutor(max(1, settings.decode_ahead), thread_name_prefix="decode")
         else:
@@ -195,10 +216,153 @@ class Decoder:
     def submit(self, rows: dict[str, list], epoch: int):
         if self.settings.decode_on == "tasks":
             return self._task.remote(rows, epoch, self.settings.args())
-        return self._pool.submit(decode_batch, rows, epoch, self.settings.args())
+        return self._pool.submit(self._decode, rows, epoch, self.settings.args())
+
+    def wait(self, handles: list, timeout: float | None) -> list:
+        """The handles that have finished: blocks until at least one has or `timeout` seconds pass."""
+        if not handles:
+            return []
+        if self.settings.decode_on == "worker":
+            return list(futures.wait(handles, timeout, futures.FIRST_COMPLETED).done)
+        ready, rest = self._ray.wait(handles, num_returns=1, timeout=timeout)
+        if ready and rest:  # and every other one already done, without waiting
+            ready += self._ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        return ready
 
     def result(self, handle) -> dict[str, np.ndarray]:
-        return self._get(handle) if self.settings.decode_on == "tasks" else handle.result()
+        return self._ray.get(handle) if self.settings.decode_on == "tasks" else handle.result()
+
+    def cancel(self, handle) -> None:
+        """Drop a copy whose result is no longer wanted (a finished task is left alone)."""
+        if self.settings.decode_on == "tasks":
+            self._ray.cancel(handle)
+        else:
+            handle.cancel()
+
+
+@dataclass
+class _Batch:
+    """One decode batch in the window: its rows until a result arrives (a straggler's copy needs them)."""
+
+    rows: dict[str, list] | None
+    epoch: int
+    size: int
+    submitted: dict  # handle -> submit time (the first copy, then maybe one more)
+    result: dict[str, np.ndarray] | None = None
+
+
+class DecodeWindow:
+    """Decode batches in flight, in submission order. Results may complete in any order inside the window;
+    `take()` returns the oldest batch's, so what the trainer sees does not depend on completion order.
+
+    A batch still running `straggler_factor` x the median batch time (at least `straggler_min_s`) after it
+    was submitted gets a second copy; the first result wins and the other copy is cancelled. Rows are
+    counted once per batch, never per copy."""
+
+    def __init__(self, decoder: Decoder, clock: Callable[[], float] = time.monotonic):
+        self.decoder, self.clock = decoder, clock
+        self.rows, self.duplicated = 0, 0  # rows in the window; copies made
+        self._batches: deque[_Batch] = deque()
+        self._owner: dict = {}  # handle -> its batch, for every copy still running
+        self._times: deque[float] = deque(maxlen=64)  # recent batch times (submit -> result seen)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def submit(self, rows: dict[str, list], epoch: int) -> None:
+        batch = _Batch(rows, epoch, len(rows["key"]), {})
+        self._batches.append(batch)
+        self.rows += batch.size
+        self._start_copy(batch)
+
+    def take(self) -> dict[str, np.ndarray]:
+        """The oldest batch's result, waiting for it (and copying stragglers meanwhile) if need be."""
+        head = self._batches[0]
+        self._collect(0)
+        while head.result is None:
+            self._copy_stragglers()
+            self._collect(self._until_next_deadline())
+        self._batches.popleft()
+        self.rows -= head.size
+        return head.result
+
+    def close(self) -> None:
+        for handle in self._owner:
+            self.decoder.cancel(handle)
+        self._owner.clear()
+
+    def _start_copy(self, batch: _Batch) -> None:
+        handle = self.decoder.submit(batch.rows, batch.epoch)
+        batch.submitted[handle] = self.clock()
+        self._owner[handle] = batch
+
+    def _collect(self, timeout: float | None) -> None:
+        for handle in self.decoder.wait(list(self._owner), timeout):
+            batch = self._owner.pop(handle, None)
+            if batch is None or batch.result is not None:
+                continue
+            batch.result = self.decoder.result(handle)
+            self._times.append(self.clock() - batch.submitted[handle])
+            for other in batch.submitted:
+                if self._owner.pop(other, None) is not None:  # the slower copy: no longer wanted
+                    self.decoder.cancel(other)
+            batch.rows = None
+
+    def _deadline(self) -> float | None:
+        """Seconds after submission at which a batch counts as a straggler (None: no copies)."""
+        settings = self.decoder.settings
+        if settings.straggler_factor <= 0 or len(self._times) < 3:
+            return None
+        return max(settings.straggler_min_s, settings.straggler_factor * statistics.median(self._times))
+
+    def _candidates(self) -> list[_Batch]:
+        """Batches still waiting on their only copy."""
+        return [b for b in self._batches if b.result is None and len(b.submitted) == 1]
+
+    def _copy_stragglers(self) -> None:
+        deadline, now = self._deadline(), self.clock()
+        if deadline is None:
+            return
+        for batch in self._candidates():
+            if now - next(iter(batch.submitted.values())) >= deadline:
+                self.duplicated += 1
+                self._start_copy(batch)
+
+    def _until_next_deadline(self) -> float | None:
+        deadline, now = self._deadline(), self.clock()
+        starts = [next(iter(b.submitted.values())) for b in self._candidates()]
+        if deadline is None or not starts:
+            return None  # nothing will be copied: wait for a result
+        return max(0.01, min(starts) + deadline - now)
+
+
+class ReadAhead:
+    """How many rows to keep decoded or in flight: `decode_ahead_s` seconds at the rate the trainer takes
+    rows while it is not waiting for them (its own pace, not the decoder's), at least `decode_ahead`
+    batches, at most `decode_ahead_max_mb` of decoded data. With 0 seconds: exactly `decode_ahead` batches
+    (the fixed window ingest had before)."""
+
+    def __init__(self, settings: DecodeSettings, clock: Callable[[], float] = time.monotonic):
+        self.settings, self.clock = settings, clock
+        self.min_rows = settings.decode_ahead * settings.decode_batch_size
+        self.max_rows = max(self.min_rows, int(settings.decode_ahead_max_mb * 2**20) // settings.row_bytes())
+        self._recent: deque[tuple[int, float]] = deque(maxlen=32)  # (rows taken, trainer's own seconds)
+        self._last: float | None = None
+
+    def taken(self, rows: int, waited: float) -> None:
+        """The trainer took `rows` after waiting `waited` seconds for them."""
+        now = self.clock()
+        if self._last is not None:
+            self._recent.append((rows, max(0.0, now - self._last - waited)))
+        self._last = now
+
+    def target_rows(self) -> int:
+        if self.settings.decode_ahead_s <= 0 or not self._recent:
+            return self.min_rows
+        rows, busy = (sum(x) for x in zip(*self._recent))
+        if busy <= 1e-6:
+            return self.max_rows
+        return int(min(self.max_rows, max(self.min_rows, rows / busy * self.settings.decode_ahead_s)))
 
 
 class WorkerStream:
@@ -216,7 +380,8 @@ class WorkerStream:
         self.loader, self.decoder, self.batch_size = loader, decoder, batch_size
         self.trained, self.decoded = 0, 0
         self.bad: Counter[str] = Counter()
-        self._in_flight: deque = deque()
+        self._window = DecodeWindow(decoder)
+        self._read_ahead = ReadAhead(decoder.settings)
         self._fifo: deque[list] = deque()  # [decoded chunk, first row not yet handed out]
         self._ended = False
         self._uncommitted: tuple[int, Counter] = (0, Counter())
@@ -232,18 +397,24 @@ class WorkerStream:
                 rows[column].append(value)
         if not rows["key"]:
             return False
-        self.decoded += len(rows["key"])
-        self._in_flight.append(self.decoder.submit(rows, self.ahead.epoch))
+        self.decoded += len(rows["key"])  # once per batch, however many copies a straggler gets
+        self._window.submit(rows, self.ahead.epoch)
         return True
 
-    def _next_chunk(self) -> dict | None:
-        while not self._ended and len(self._in_flight) < self.decoder.settings.decode_ahead:
+    def _fill(self) -> None:
+        """Submit decode batches until the window holds what `ReadAhead` asks for (or the epoch ends)."""
+        min_batches, target = self.decoder.settings.decode_ahead, self._read_ahead.target_rows()
+        while not self._ended and (len(self._window) < min_batches or self._window.rows < target):
             self._ended = not self._submit()
-        if not self._in_flight:
+
+    def _next_chunk(self) -> dict | None:
+        self._fill()
+        if not len(self._window):
             return None
-        chunk = self.decoder.result(self._in_flight.popleft())
-        if not self._ended:
-            self._ended = not self._submit()  # keep the decoder busy while this chunk is trained on
+        t0 = time.monotonic()
+        chunk = self._window.take()  # always the oldest batch: the read order is untouched
+        self._read_ahead.taken(len(chunk["status"]), time.monotonic() - t0)
+        self._fill()  # keep the decoder busy while this chunk is trained on
         return chunk
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -303,5 +474,11 @@ class WorkerStream:
             "bad": dict(self.bad),
         }
 
+    @property
+    def duplicated(self) -> int:
+        """Straggling decode batches that were given a second copy."""
+        return self._window.duplicated
+
     def close(self) -> None:
+        self._window.close()
         self.loader.close()

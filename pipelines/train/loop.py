@@ -136,6 +136,7 @@ def build_run(loop_config: dict) -> Run:
     decode = DecodeSettings(
         model_config.image_resolution, cfg.tokenizer_merges, model_config.context_length, cfg.seed,
         cfg.decode_on, cfg.decode_resource, cfg.decode_cpus, cfg.decode_ahead, cfg.decode_batch_size,
+        cfg.decode_ahead_s, cfg.decode_ahead_max_mb, cfg.straggler_factor, cfg.straggler_min_s,
     )  # fmt: skip
     zero_shot = None
     if cfg.zero_shot_data and rank == 0:
