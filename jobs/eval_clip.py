@@ -22,7 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/eva
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from clip_model.zero_shot import ZeroShotError, build_zero_shot_classifier, get_templates, load_class_names  # noqa: E402
+from clip_model.zero_shot import (  # noqa: E402
+    ZeroShotError,
+    build_zero_shot_classifier,
+    get_templates,
+    load_class_names,
+    zero_shot_logits,
+)
 from pipelines import progress, storage  # noqa: E402
 from pipelines.config import ConfigError, config_to_dict, parse_args  # noqa: E402
 from pipelines.evaluation.config import EvalConfig  # noqa: E402
@@ -38,6 +44,7 @@ from pipelines.evaluation.embed import (  # noqa: E402
     needs_ray,
     resolve_device,
 )
+from pipelines.evaluation.examples import classification_examples, retrieval_examples  # noqa: E402
 from pipelines.evaluation.linear_probe import linear_probe  # noqa: E402
 from pipelines.evaluation.report import format_table, write_report  # noqa: E402
 from pipelines.evaluation.retrieval import retrieval_metrics  # noqa: E402
@@ -101,6 +108,8 @@ class Evaluator:
         embedded = self.embed("zero_shot", eval_set)
         result = evaluate_zero_shot(embedded.image_features, embedded.labels, weights, eval_set.class_names)
         result["num_templates"] = len(templates)
+        logits = zero_shot_logits(embedded.image_features, weights)  # the report's sheet of top-5 predictions
+        result["examples"] = classification_examples(eval_set, embedded, logits, eval_set.class_names)
         return result
 
     def linear_probe(self) -> dict:
@@ -145,9 +154,11 @@ class Evaluator:
         rt = self.cfg.retrieval
         eval_set = open_eval_set(rt.data, "retrieval", captions_field=rt.captions_field)
         embedded = self.embed("retrieval", eval_set)
-        return retrieval_metrics(
+        result = retrieval_metrics(
             embedded.image_features, embedded.text_features, embedded.text_image_index, ks=tuple(rt.ks)
         )
+        result["examples"] = retrieval_examples(eval_set, embedded)  # the report's query -> top images sheet
+        return result
 
 
 def run(cfg: EvalConfig) -> dict:
