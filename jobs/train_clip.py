@@ -25,7 +25,7 @@ from pipelines import progress  # noqa: E402
 from pipelines.config import parse_args  # noqa: E402
 from pipelines.ray_connect import connect  # noqa: E402
 from pipelines.train.config import TrainConfig  # noqa: E402
-from pipelines.train.trainer import SetupError, build_trainer  # noqa: E402
+from pipelines.train.trainer import SetupError, build_trainer, preflight  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         argv = [a for a in argv if a != "--verbose"] + ["verbose=true"]
     cfg = parse_args(TrainConfig, argv, description=__doc__)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        preflight(cfg)  # set-up problems that need no cluster: before Ray is even joined or started
+    except SetupError as e:
+        print(f"train_clip: {e}", file=sys.stderr)
+        return 2
     # Workers import clip_model/pipelines from this checkout (ray job submit ships it as the working dir).
     pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     connect(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})

@@ -7,6 +7,7 @@ run says that it resumed."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
 import shlex
@@ -105,18 +106,30 @@ def _job(args: list[str], cwd: Path, env: dict, timeout: float = 420) -> subproc
         ("model_overrides.vocab_sise=3", "model_overrides: Unknown CLIPConfig field(s) ['vocab_sise']"),
     ],
 )
-def test_setup_problems_are_one_line_and_exit_2(ray_head, merges, tmp_path, override, message):
+def test_setup_problems_are_one_line_and_exit_2(merges, tmp_path, monkeypatch, capsys, override, message):
     data = tmp_path / "shards"
     write_dataset(
         synthetic_shard_samples(32, seed=1, size=SIZE), str(data), PER_SHARD, formats=("webdataset",)
     )
-    args = ["jobs/train_clip.py", "--config", "configs/train_tiny.yaml", f"data_uri={data}",
+    args = ["--config", str(ROOT / "configs/train_tiny.yaml"), f"data_uri={data}",
             f"tokenizer_merges={merges[0]}", f"storage_path={tmp_path}", override]  # fmt: skip
-    proc = _job(args, ROOT, {**os.environ, "RAY_ADDRESS": ray_head.address}, timeout=180)
-    errors = [line for line in proc.stderr.splitlines() if line.strip() and "INFO" not in line]
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert len(errors) <= 2 and message in errors[-1], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "TrainController" not in proc.stdout + proc.stderr
+    # Found before the job joins or starts Ray: an address where nothing listens is never reached.
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = load_job("train_clip").main(args)
+    except SystemExit as e:  # argparse's usage error (parse-time checks)
+        code = e.code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.strip() and not line.startswith("usage:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+
+
+def load_job(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "jobs" / f"{name}.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
 
 
 # ---------------------------------------------------------------- the README, as written
@@ -199,4 +212,4 @@ def test_a_kill_before_the_first_checkpoint_leaves_nothing_to_mistake(merges, tm
         '{"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_a"}}'
     )
     build_trainer(cfg)
-    assert [p.name for p in run_dir.glob("checkpoint_*")] == ["checkpoint_a"]
+    assert [p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()] == ["checkpoint_a"]

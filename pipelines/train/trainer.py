@@ -3,10 +3,12 @@ plan, and train_loop_per_worker on N workers (each reads its own shards, see pip
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 import ray.train
@@ -147,19 +149,36 @@ def worker_paths(cfg: TrainConfig, single_node: bool) -> TrainConfig:
     return dataclasses.replace(cfg, **local)
 
 
+@contextlib.contextmanager
+def setup_errors() -> Iterator[None]:
+    """The checks' errors as one-line `SetupError`s."""
+    try:
+        yield
+    except FileNotFoundError as e:  # e.g. resume_from without model_config.json
+        raise SetupError(f"{e.filename or e}: no such file") from None
+    except ValueError as e:  # DatasetError, ResumeMismatchError, UnsafeCheckpointError, the checks below
+        raise SetupError(str(e)) from None
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """The set-up checks that need no cluster, for the job to run before it connects to Ray: merges and
+    vocabulary, shards listed, resume source."""
+    with setup_errors():
+        cfg = with_vocab_size(cfg)
+        check_tokenizer(cfg, cfg.model_config().vocab_size)
+        datasets.list_shards(cfg.data_uri, cfg.data_format)
+        check_resume_source(cfg)
+
+
 def check_setup(cfg: TrainConfig, single_node: bool) -> tuple[TrainConfig, list[datasets.Shard]]:
     """The run's configuration as the workers get it and its shards, or a one-line `SetupError`: data
     missing or empty, merges missing, vocabulary mismatch, a resume source that does not fit or is unsafe."""
-    try:
+    with setup_errors():
         cfg = dataclasses.replace(cfg, storage_path=storage_root(cfg, single_node))
         cfg = with_vocab_size(worker_paths(cfg, single_node))
         check_resume_source(cfg)
         check_tokenizer(cfg, cfg.model_config().vocab_size)
         return cfg, resolve_shards(cfg)
-    except FileNotFoundError as e:  # e.g. resume_from without model_config.json
-        raise SetupError(f"{e.filename or e}: no such file") from None
-    except ValueError as e:  # DatasetError, ResumeMismatchError, UnsafeCheckpointError, the checks above
-        raise SetupError(str(e)) from None
 
 
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's registered checkpoints
