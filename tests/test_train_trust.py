@@ -67,6 +67,17 @@ def test_bad_tars_and_parquet_without_jpg_are_named_and_counted(ray_local, merge
     assert epoch["bad"]["truncated_tar"] > 0  # the rows past the damage, counted by the shard's reason
     assert epoch["trained"] + sum(epoch["bad"].values()) + epoch["not_reached"] == epoch["rows"]
     assert epoch["trained"] >= 2 * PER_SHARD - 8  # the good shards were trained (last partial batch aside)
+    # Above the tolerance the run stops, and the job's error is the one line that says why.
+    strict = dataclasses.replace(
+        _cfg(merges, tars, "webdataset", tmp_path, "strict"), max_bad_shard_fraction=0.25
+    )
+    try:
+        error = train(strict).error
+    except Exception as e:  # Ray Train raises the workers' error from fit()
+        error = e
+    line = load_job("train_clip").failure_line(error)
+    assert line.startswith("epoch 0: 2 of 4 shards are bad (00001.tar (truncated_tar), 00002.tar"), line
+    assert "max_bad_shard_fraction=0.25" in line
 
     parquet = tmp_path / "parquet"
     write_dataset(synthetic_shard_samples(3 * PER_SHARD, seed=2, size=SIZE), str(parquet), PER_SHARD,
@@ -169,7 +180,7 @@ def test_readme_train_and_eval_commands_run_as_written(ray_head, tmp_path):
     assert trained.returncode == 0, log[-3000:]
     checkpoint = re.search(r"^checkpoint: (\S+)$", trained.stdout, re.M).group(1)
     assert "starting fresh: step 0 of" in log and re.search(
-        r"step \d+/\d+ epoch 0 loss [\d.]+ samples/s", log
+        r"step \d+/\d+ epoch \d+ loss [\d.]+ samples/s [\d.]+ data wait \d+% ETA", log
     )
     assert re.search(r"epoch 3 done at step \d+: 128 rows, trained \d+, dropped 0 \(none\), not reached", log)
     assert "Reporting training result" not in log and "PreemptionWatcher" not in log
