@@ -13,6 +13,7 @@ import torch
 
 from .configs import CLIPConfig
 from .model import CLIP
+from .safe_pickle import refusal_reason, torchscript_tensors
 
 # Scalars that OpenAI's TorchScript archives carry in their state dict and `build_model` deletes, and
 # the causal mask, a non-persistent buffer that TorchScript archives of this model nevertheless carry.
@@ -24,7 +25,14 @@ class CheckpointError(ValueError):
 
 
 def _read_state_dict(source: str | os.PathLike | BinaryIO) -> Mapping:
-    """A plain `torch.save` file (a state dict, possibly under "state_dict") or a TorchScript archive."""
+    """A plain `torch.save` file (a state dict, possibly under "state_dict"), a `.safetensors` file or a
+    TorchScript archive. Nothing in the file runs: `torch.save` files load with `weights_only=True`, and a
+    TorchScript archive's tensors are read from its pickle without executing its code (`torch.jit.load`
+    would run the archive's TorchScript, e.g. a `__setstate__`)."""
+    if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(os.fspath(source))
     if not isinstance(source, (str, os.PathLike)):
         source = io.BytesIO(source.read())
     is_jit = False
@@ -34,14 +42,23 @@ def _read_state_dict(source: str | os.PathLike | BinaryIO) -> Mapping:
             is_jit = any(name.split("/", 1)[-1].startswith("code/") for name in zf.namelist())
     if isinstance(source, io.BytesIO):
         source.seek(0)
-    if is_jit:
-        return torch.jit.load(source, map_location="cpu").state_dict()
     try:
+        if is_jit:
+            return torchscript_tensors(source)
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:
+        kind = (
+            "not a loadable TorchScript archive"
+            if is_jit
+            else "neither a state-dict file nor a TorchScript archive"
+        )
         raise CheckpointError(
-            f"{source!r} is neither a state-dict file nor a TorchScript archive: {e}"
-        ) from e
+            f"{_name(source)}: {kind} ({refusal_reason(e)}); nothing in it was run"
+        ) from None
+
+
+def _name(source) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the checkpoint stream"
 
 
 def _unwrap(state_dict: Mapping) -> dict[str, torch.Tensor]:

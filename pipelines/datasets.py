@@ -158,12 +158,16 @@ def _index_row(uri: str, indexes: dict[str, dict | None]) -> dict | None:
 
 
 def count_rows(uri: str) -> int:
-    """Samples in one shard file, counted: Parquet from its footer, a tar by its distinct keys."""
+    """Samples in one shard file, counted: Parquet from its footer, a tar by its distinct keys. A damaged
+    shard counts what can be read of it (0 when nothing can): training names it when it reads it."""
     if uri.endswith(".parquet"):
         fs, path = storage.resolve(uri)
-        with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).metadata.num_rows
-    return len(read_rows(uri)["key"])
+        try:
+            with fs.open_input_file(path) as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowException, OSError):
+            return 0
+    return len(read_rows_tolerant(uri)[0]["key"])
 
 
 def shard_count(uri: str) -> int:
@@ -212,29 +216,41 @@ def _text(value) -> str | None:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _read_tar(data: bytes) -> dict[str, list]:
-    """key, jpg, txt columns of a WebDataset tar, one row per key (members grouped in file order). A key
-    without a `.jpg` (or other image) member or without `.txt` keeps None there (a bad row, counted)."""
+def _empty_rows() -> dict[str, list]:
+    return {"key": [], "jpg": [], "txt": []}
+
+
+def _read_tar(data: bytes) -> tuple[dict[str, list], str | None]:
+    """key, jpg, txt columns of a WebDataset tar, one row per key (members grouped in file order), and the
+    tar's damage: None, "unreadable_tar" (nothing could be read) or "truncated_tar" (rows up to the damage
+    are returned). A key without a `.jpg` (or other image) member or without `.txt` keeps None there (a bad
+    row, counted)."""
     import tarfile
 
-    rows: dict[str, list] = {"key": [], "jpg": [], "txt": []}
-    current = None
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-            if key != current:
-                current = key
-                rows["key"].append(key)
-                rows["jpg"].append(None)
-                rows["txt"].append(None)
-            ext = ext.lower()
-            if ext in ("jpg", "jpeg", "png", "webp"):
-                rows["jpg"][-1] = tar.extractfile(member).read()
-            elif ext == "txt":
-                rows["txt"][-1] = tar.extractfile(member).read().decode("utf-8", errors="replace")
-    return rows
+    rows, current = _empty_rows(), None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                if key != current:
+                    current = key
+                    rows["key"].append(key)
+                    rows["jpg"].append(None)
+                    rows["txt"].append(None)
+                ext = ext.lower()
+                if ext in ("jpg", "jpeg", "png", "webp"):
+                    rows["jpg"][-1] = tar.extractfile(member).read()
+                elif ext == "txt":
+                    rows["txt"][-1] = tar.extractfile(member).read().decode("utf-8", errors="replace")
+            end = tar.offset
+    except (tarfile.TarError, EOFError, OSError, ValueError):  # what tarfile raises on damaged archives
+        return rows, "truncated_tar" if rows["key"] else "unreadable_tar"
+    # tarfile ends quietly where the data ends; a whole archive ends with a zero block (the end marker)
+    if data[end : end + tarfile.BLOCKSIZE] != bytes(tarfile.BLOCKSIZE):
+        return rows, "truncated_tar"
+    return rows, None
 
 
 def _read_parquet(data: bytes, uri: str) -> dict[str, list]:
@@ -263,11 +279,32 @@ def _read_parquet(data: bytes, uri: str) -> dict[str, list]:
 
 def read_rows(uri: str) -> dict[str, list]:
     """All rows of one shard as columns key (str), jpg (bytes | None), txt (str | None), in file order.
-    Nothing is decoded: the bytes stay compressed."""
+    Nothing is decoded: the bytes stay compressed. A damaged shard is a `DatasetError` naming it."""
     data = storage.read_bytes(uri)
     if uri.endswith(".parquet"):
         return _read_parquet(data, uri)
-    return _read_tar(data)
+    rows, damage = _read_tar(data)
+    if damage:
+        raise DatasetError(f"{uri}: {damage.replace('_', ' ')}")
+    return rows
+
+
+def read_rows_tolerant(uri: str) -> tuple[dict[str, list], str | None]:
+    """`read_rows` for training, where a bad shard is a data problem: (the rows that could be read, the
+    damage as a drop reason or None). Reasons: missing_shard, unreadable_tar, truncated_tar,
+    unreadable_parquet, parquet_without_jpg."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return _empty_rows(), "missing_shard"
+    if not uri.endswith(".parquet"):
+        return _read_tar(data)
+    try:
+        return _read_parquet(data, uri), None
+    except DatasetError:
+        return _empty_rows(), "parquet_without_jpg"
+    except (pa.ArrowException, OSError):
+        return _empty_rows(), "unreadable_parquet"
 
 
 def read_samples(uri: str) -> list[dict]:

@@ -102,7 +102,7 @@ def test_end_to_end_report_holds_printed_numbers(setup):
         "retrieval_recall.png",
     ):
         assert (out / name).stat().st_size > 0, name
-    rows = re.findall(r"^(zero-shot|linear probe|retrieval)\s+(\S+)\s+([\d.]+)$", proc.stdout, re.M)
+    rows = re.findall(r"^(zero-shot|linear probe|retrieval)\s+(\S+)\s+([\d.]+)(?:\s|$)", proc.stdout, re.M)
     printed = {(a, b): v for a, b, v in rows}
     assert printed["zero-shot", "top1"] == f"{100 * results['zero_shot']['top1']:.2f}"
     assert printed["zero-shot", "top5"] == f"{100 * results['zero_shot']['top5']:.2f}"

@@ -285,7 +285,7 @@ def test_trains_with_fsdp_on_img2dataset_shards_given_as_a_brace_list(ray_local,
     fp16 = torch.load(checkpoint / "openai_fp16.pt")  # the full model, gathered on rank 0
     assert fp16["visual.conv1.weight"].dtype == torch.float16 and "logit_scale" in fp16
     assert clip_model.load(fp16).config == cfg.model_config()
-    state = torch.load(checkpoint / "state.pt", weights_only=False)
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
     assert state["position"]["trained"] == 2 * 4 * 2 and state["position"]["num_shards"] == 4
     resumed = train(dataclasses.replace(cfg, name="fsdp_resumed", resume_from=str(checkpoint), max_steps=3))
     assert resumed.error is None, resumed.error

@@ -102,7 +102,7 @@ def finished_checkpoint(result) -> tuple[dict, dict, list[dict], dict]:
     the BPE ranks of its tokenizer.txt.gz."""
     assert result.error is None, result.error
     with result.checkpoint.as_directory() as d:
-        state = torch.load(f"{d}/state.pt", weights_only=False)
+        state = torch.load(f"{d}/state.pt", weights_only=True)
         exported = torch.load(f"{d}/openai_fp16.pt")
         with open(f"{d}/metrics.csv") as f:
             metrics = list(csv.DictReader(f))

@@ -17,8 +17,7 @@ from pipelines.config import ConfigError, load_config
 from pipelines.shards import write_dataset
 from pipelines.synthetic import generate, synthetic_shard_samples
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import ResumeMismatchError
-from pipelines.train.trainer import build_trainer, train
+from pipelines.train.trainer import SetupError, build_trainer, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 10 shards of 16 rows, 2 workers x 8: 5 shards and 10 batches per worker, 10 steps in the epoch.
@@ -29,7 +28,7 @@ def _run(cfg: TrainConfig) -> dict:
     result = train(cfg)
     assert result.error is None, result.error
     with result.checkpoint.as_directory() as d:
-        state = torch.load(f"{d}/state.pt", weights_only=False)
+        state = torch.load(f"{d}/state.pt", weights_only=True)
         with open(f"{d}/metrics.csv") as f:
             metrics = list(csv.DictReader(f))
     return {"result": result, "state": state, "metrics": metrics}
@@ -112,7 +111,7 @@ def test_resume_from_another_model_config_is_refused(runs):
             f"model_overrides={{vocab_size: {cfg.model_overrides['vocab_size']}, image_resolution: 32}}",
         ],
     )
-    with pytest.raises(ResumeMismatchError, match="another model configuration.*vision_layers"):
+    with pytest.raises(SetupError, match="another model configuration.*vision_layers"):
         build_trainer(other)
 
 

@@ -13,20 +13,24 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from clip_model.safe_pickle import refusal_reason
 from pipelines import storage
 from pipelines.pools import Pool, pool_bounds
 
 from .data import EvalSet, expand_unit
+
+log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -418,9 +422,8 @@ def embed_eval_set(
             f"{model_fingerprint(model_source)}|{set_fingerprint(eval_set)}|{image_size}|{tok_id}".encode()
         ).hexdigest()[:20]
         cache_path = Path(opts.cache_dir) / f"{cache_name}-{key}.pt"
-        if cache_path.exists():
-            cached = torch.load(cache_path, weights_only=False)
-            cached.from_cache = True
+        cached = load_cache(cache_path)
+        if cached is not None:
             return cached
 
     use_ray = needs_ray(eval_set, opts)
@@ -461,6 +464,21 @@ def embed_eval_set(
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(".tmp")
-        torch.save(result, tmp)
+        torch.save(asdict(result), tmp)  # tensors and plain data: loads with weights_only
         os.replace(tmp, cache_path)
     return result
+
+
+def load_cache(path: Path) -> EmbeddedSet | None:
+    """A cached EmbeddedSet, loaded with weights_only=True: a file planted in the cache runs nothing. One
+    that holds anything but tensors and plain data (or is damaged) is ignored and recomputed."""
+    if not path.exists():
+        return None
+    try:
+        fields = torch.load(path, map_location="cpu", weights_only=True)
+        cached = EmbeddedSet(**fields)
+    except Exception as e:
+        log.warning("ignoring feature cache %s (recomputing): %s", path, refusal_reason(e))
+        return None
+    cached.from_cache = True
+    return cached

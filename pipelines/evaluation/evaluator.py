@@ -22,6 +22,7 @@ from clip_model.zero_shot import (
     check_zero_shot_inputs,
     get_templates,
     load_class_names,
+    zero_shot_logits,
 )
 from pipelines import storage
 from pipelines.config import ConfigError, config_to_dict
@@ -29,6 +30,7 @@ from pipelines.config import ConfigError, config_to_dict
 from . import clip_benchmark, published
 from .config import EvalConfig
 from .data import EvalDataError, EvalSet, open_eval_set
+from .examples import classification_examples, retrieval_examples
 from .embed import (
     EmbeddedSet,
     embed_eval_set,
@@ -108,6 +110,9 @@ class Evaluator:
                 embedded.image_features, embedded.labels, weights, eval_set.class_names
             )
             result.update(num_templates=len(templates), prompts_embedded_by="driver")
+            # The report's sheet of held-out images with their top-5 predictions.
+            logits = zero_shot_logits(embedded.image_features, weights)
+            result["examples"] = classification_examples(eval_set, embedded, logits, eval_set.class_names)
             return result
         self._connect()
         opts = self.cfg.embed
@@ -194,9 +199,11 @@ class Evaluator:
         rt = self.cfg.retrieval
         eval_set = open_eval_set(rt.data, "retrieval", captions_field=rt.captions_field)
         embedded = self.embed("retrieval", eval_set)
-        return retrieval_metrics(
+        result = retrieval_metrics(
             embedded.image_features, embedded.text_features, embedded.text_image_index, ks=tuple(rt.ks)
         )
+        result["examples"] = retrieval_examples(eval_set, embedded)  # the report's query -> top images sheet
+        return result
 
 
 def run(cfg: EvalConfig) -> dict:

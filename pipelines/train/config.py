@@ -20,6 +20,9 @@ class TrainConfig:
     # brace list `s3://bucket/{00000..01023}.tar`, several joined by `::`; local or s3://.
     data_uri: str = ""
     data_format: Literal["webdataset", "parquet"] = "webdataset"
+    # A shard that cannot be read (random bytes, cut short, Parquet without `jpg`) is skipped or read up to
+    # its damage, named and counted in the epoch's line; more bad shards than this fraction stops the run.
+    max_bad_shard_fraction: float = 0.05
     # Read order (pipelines/train/position.py): each worker draws rows from this many of its shards at once,
     # rows shuffled inside each shard; the compressed bytes of these shards are held in memory.
     shards_in_flight: int = 4
@@ -80,7 +83,8 @@ class TrainConfig:
     checkpoint_upload: Literal["async", "sync"] = "async"  # async: training goes on while Ray uploads
     resume_from: str | None = None  # a checkpoint folder to start from (same model config only)
     seed: int = 0
-    log_every: int = 10
+    log_every: int = 10  # steps between our step lines (and metrics.csv rows)
+    verbose: bool = False  # true: Ray Train's own per-report log lines too (`--verbose` on the job)
     # Periodic zero-shot check (rank 0): an image folder with one sub-folder per class, prompt templates
     # (a clip_model template set name or a file), every N steps (0 = at each epoch end). "" = off.
     zero_shot_data: str = ""
@@ -107,6 +111,12 @@ class TrainConfig:
             problems.append(f"straggler_factor {self.straggler_factor} must be 0 (off) or >= 1")
         if self.epochs < 1 and self.max_steps < 1:
             problems.append("set epochs >= 1 or max_steps >= 1")
+        if not 0 <= self.max_bad_shard_fraction <= 1:
+            problems.append(f"max_bad_shard_fraction {self.max_bad_shard_fraction} must be in [0, 1]")
+        try:
+            self.model_config()
+        except ValueError as e:  # an unknown model name or override key, named at parse time
+            problems.append(f"{'model' if 'Unknown model' in str(e) else 'model_overrides'}: {e}")
         if self.compile and not _known_backend(self.compile_backend):
             problems.append(f"compile_backend {self.compile_backend!r} is not a torch.compile backend")
         if problems:

@@ -122,11 +122,13 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 class ShardLoader:
     """Compressed rows of this worker's shards, read in background threads ahead of use, served in each
-    shard's seeded row order. Keeps the sizes of every shard it opened (for the committed cursor)."""
+    shard's seeded row order. Keeps the sizes of every shard it opened (for the committed cursor) and the
+    damage of each bad one (`damaged`: shard -> (reason, rows read); a bad shard serves what could be read)."""
 
     def __init__(self, uris: Sequence[str], seed: int, epoch: int, threads: int = 2):
         self.uris, self.seed, self.epoch = uris, seed, epoch
         self.sizes: dict[int, int] = {}
+        self.damaged: dict[int, tuple[str, int]] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-read")
         self._pending: dict[int, object] = {}
         self._open: dict[int, tuple[dict[str, list], np.ndarray]] = {}
@@ -134,12 +136,14 @@ class ShardLoader:
     def prefetch(self, shards: Sequence[int]) -> None:
         for s in shards:
             if s not in self._pending and s not in self._open:
-                self._pending[s] = self._pool.submit(datasets.read_rows, self.uris[s])
+                self._pending[s] = self._pool.submit(datasets.read_rows_tolerant, self.uris[s])
 
     def size(self, shard: int) -> int:
         if shard not in self._open:
             self.prefetch([shard])
-            rows = self._pending.pop(shard).result()
+            rows, damage = self._pending.pop(shard).result()
+            if damage:
+                self.damaged[shard] = (damage, len(rows["key"]))
             self._open[shard] = (rows, row_order(len(rows["key"]), self.seed, self.epoch, shard))
             self.sizes[shard] = len(rows["key"])
         return self.sizes[shard]

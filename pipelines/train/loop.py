@@ -21,16 +21,20 @@ import json
 import logging
 import math
 import os
+import pickle
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file as save_safetensors
 
 from clip_model import Tokenizer, create_model, to_openai_state_dict
+from clip_model.safe_pickle import refusal_reason
 from pipelines import storage
 from pipelines.config import config_to_dict, from_dict
 from pipelines.train import parallel
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 SHARDED_STATE_DIR = "sharded_state"  # torch.distributed.checkpoint files (FSDP): one per rank + .metadata
 OPENAI_FP16_FILE = "openai_fp16.pt"
+SAFETENSORS_FILE = "model.safetensors"  # OpenAI-layout FP16 weights, the format other tools load without code
 METRICS_FILE = "metrics.csv"
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_FILE = (
@@ -102,6 +107,7 @@ class Run:
     merges: bytes
     decode: DecodeSettings
     zero_shot: ZeroShotCheck | None = None
+    shard_rows: list[int] = dataclasses.field(default_factory=list)  # the driver's count of each shard
 
     @property
     def shard_names(self) -> list[str]:
@@ -146,12 +152,31 @@ def build_run(loop_config: dict) -> Run:
         if zero_shot.skipped:
             log.warning("zero-shot check: %d unreadable image(s) skipped", zero_shot.skipped)
     autocast, _ = amp_settings(cfg.precision, device)
+    if not cfg.verbose:
+        quiet_ray_train()
     if rank == 0:
         log.info("training on %d x %s, precision %s (configured: %s), compile %s", world, device,
                  resolve_precision(cfg.precision, device), cfg.precision, cfg.compile and cfg.compile_backend)  # fmt: skip
     return Run(cfg, rank, world, device, loop_config["total_steps"], loop_config["shard_uris"],
                loop_config["num_rows"], autocast, merges_for_checkpoint(merges_path) if rank == 0 else b"",
-               decode, zero_shot)  # fmt: skip
+               decode, zero_shot, loop_config.get("shard_rows", []))  # fmt: skip
+
+
+def quiet_ray_train() -> None:
+    """Ray Train logs every `ray.train.report` of every rank ("Reporting training result ..."): our own
+    step lines say what matters once per logged step (`verbose=true` brings Ray's back)."""
+    from ray.train.v2._internal.execution import context
+    from ray.train.v2._internal.execution import storage as train_storage
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # named by its file path, not its module
+    logging.getLogger(train_storage.__name__).setLevel(logging.WARNING)  # "Checkpoint successfully created"
+
+
+def say(run: Run, message: str) -> None:
+    """One line of the job's log, from rank 0 only (every rank knows the same). Logged, not printed: Ray
+    Train's print patch would send a print to the job's log twice."""
+    if run.rank == 0:
+        log.info(message)
 
 
 def build_state(run: Run) -> TrainState:
@@ -184,9 +209,27 @@ def _parallel(model: FeatureModel, run: Run) -> torch.nn.Module:
     return ray.train.torch.prepare_model(model)
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that holds more than tensors and plain data: loading it could run code."""
+
+
+def load_state(path: str) -> dict:
+    """`state.pt` as written by `_write_rank0_files`: tensors and plain data only (weights_only=True), so a
+    planted file runs nothing; anything else is a one-line `UnsafeCheckpointError`."""
+    try:  # mmap: the driver's check reads no tensor data (a legacy, non-zip file cannot be mapped)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain data ({refusal_reason(e)}), "
+            "so loading it could run code; resume only from checkpoints this trainer wrote"
+        ) from None
+    except (RuntimeError, EOFError) as e:  # cut short, or not a torch.save file at all
+        raise ValueError(f"cannot read {path}: {refusal_reason(e)}") from None
+
+
 def restore(state: TrainState, run: Run, checkpoint: ray.train.Checkpoint) -> None:
     with checkpoint.as_directory() as d:
-        saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        saved = load_state(os.path.join(d, STATE_FILE))
         check_resumable(saved["model_config"], dataclasses.asdict(run.cfg.model_config()), checkpoint.path)
         if run.cfg.fsdp:
             parallel.load_sharded(state.model, state.optimizer, os.path.join(d, SHARDED_STATE_DIR))
@@ -270,7 +313,7 @@ class Window:
             "step": state.step,
             "epoch": epoch,
             "loss": loss / finite if finite else float("nan"),
-            "logit_scale": float(state.clip.logit_scale.exp()),
+            "logit_scale": float(state.clip.logit_scale.detach().exp()),
             "lr": state.scheduler.get_last_lr()[0],
             # time and wait are summed over ranks: per-rank means below
             "samples_per_s": steps * run.cfg.batch_size * run.world / max(elapsed, 1e-9),
@@ -340,7 +383,7 @@ def train_one_epoch(state: TrainState, run: Run, stream: WorkerStream) -> bool:
         stream.commit()
         images, tokens = _to_device(batch, run.device)
         loss, finite = train_step(state, run, images, tokens)
-        window.loss = window.loss + (loss.float() if finite else 0.0)
+        window.loss = window.loss + (loss.detach().float() if finite else 0.0)
         window.finite_steps += int(finite)
         window.steps += 1
         window.wait += wait
@@ -354,8 +397,9 @@ def train_one_epoch(state: TrainState, run: Run, stream: WorkerStream) -> bool:
             if run.zero_shot and cfg.zero_shot_every > 0 and state.step % cfg.zero_shot_every == 0:
                 metrics["zero_shot_top1"] = run.zero_shot(state.clip, run.device)
             state.metrics.append(metrics)
+            say(run, step_line(metrics, run))
             if checkpoint_now:
-                save_checkpoint(state, run, metrics, stream.part())
+                save_checkpoint(state, run, metrics, worker_part(stream, run))
             else:
                 ray.train.report(metrics, checkpoint=None)
         if cfg.crash_at_step and state.step == cfg.crash_at_step and run.rank == run.world - 1:
@@ -363,22 +407,78 @@ def train_one_epoch(state: TrainState, run: Run, stream: WorkerStream) -> bool:
     return False
 
 
-def finish_epoch(state: TrainState, run: Run, stream: WorkerStream) -> None:
-    """Account for the epoch (trained + bad + not reached = rows), check zero-shot, save, next epoch."""
-    parts = _gather({**stream.part(), "decoded": stream.decoded})
-    done = state.segment_start.merge(parts, run.world)
+def step_line(metrics: dict, run: Run) -> str:
+    """The job log's line for a logged step: step, epoch, loss, speed, data wait and time to the end."""
+    left = (run.total_steps - metrics["step"]) * run.cfg.batch_size * run.world
+    eta = left / metrics["samples_per_s"] if metrics["samples_per_s"] > 0 else float("nan")
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+    return (
+        f"step {metrics['step']}/{run.total_steps} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
+        f"samples/s {metrics['samples_per_s']:.1f} data wait {metrics['data_wait_frac']:.0%} ETA {eta_text}"
+    )
+
+
+def worker_part(stream: WorkerStream, run: Run) -> dict:
+    """This rank's part of the position: the stream's, plus the bad shards its loader met (by name)."""
+    damaged = {run.shard_names[i]: [reason, read] for i, (reason, read) in stream.loader.damaged.items()}
+    return {**stream.part(), "bad_shards": damaged}
+
+
+def epoch_summary(state: TrainState, run: Run, done: Position, parts: list[dict]) -> dict:
+    """The epoch's accounting: trained + bad (rows by reason, rows lost in bad shards) + not reached = rows."""
+    bad = dict(done.bad)
+    rows_of = dict(zip(run.shard_names, run.shard_rows))
+    for name, (reason, read) in done.bad_shards.items():
+        lost = max(0, rows_of.get(name, read) - read)  # rows the count promised that could not be read
+        if lost:
+            bad[reason] = bad.get(reason, 0) + lost
     start = state.segment_start
-    bad = sum(done.bad.values())
-    summary = {
+    return {
         "epoch": done.epoch,
         "rows": run.num_rows,
         "trained": done.trained,
-        "bad": done.bad,
-        "not_reached": run.num_rows - done.trained - bad,
+        "bad": bad,
+        "bad_shards": {name: reason for name, (reason, _) in sorted(done.bad_shards.items())},
+        "not_reached": max(0, run.num_rows - done.trained - sum(bad.values())),
         "steps": state.step,
         "resumed_at_rows": start.trained + sum(start.bad.values()),
         "decoded_this_attempt": sum(p["decoded"] for p in parts),
     }
+
+
+def epoch_line(summary: dict) -> str:
+    """One line at each epoch's end: what was trained, dropped (by reason), not reached, bad shards."""
+    bad = summary["bad"]
+    dropped = ", ".join(f"{reason} {n}" for reason, n in sorted(bad.items())) or "none"
+    shards = ", ".join(f"{name} ({reason})" for name, reason in summary["bad_shards"].items())
+    return (
+        f"epoch {summary['epoch']} done at step {summary['steps']}: {summary['rows']} rows, trained "
+        f"{summary['trained']}, dropped {sum(bad.values())} ({dropped}), not reached {summary['not_reached']}"
+        + (f"; bad shards {len(summary['bad_shards'])}: {shards}" if shards else "")
+    )
+
+
+class BadShardsError(RuntimeError):
+    """More of an epoch's shards were unreadable than `max_bad_shard_fraction` allows."""
+
+
+def check_bad_shards(summary: dict, run: Run) -> None:
+    bad, total = len(summary["bad_shards"]), len(run.shard_uris)
+    if bad > run.cfg.max_bad_shard_fraction * total:
+        names = ", ".join(f"{n} ({r})" for n, r in list(summary["bad_shards"].items())[:5])
+        raise BadShardsError(
+            f"epoch {summary['epoch']}: {bad} of {total} shards are bad ({names}), more than "
+            f"max_bad_shard_fraction={run.cfg.max_bad_shard_fraction}: fix or remove them, or raise the limit"
+        )
+
+
+def finish_epoch(state: TrainState, run: Run, stream: WorkerStream) -> None:
+    """Account for the epoch (trained + bad + not reached = rows), check zero-shot, save, next epoch."""
+    parts = _gather({**worker_part(stream, run), "decoded": stream.decoded})
+    done = state.segment_start.merge(parts, run.world)
+    summary = epoch_summary(state, run, done, parts)
+    say(run, epoch_line(summary))
+    check_bad_shards(summary, run)
     if done.trained == 0:
         raise RuntimeError(
             f"epoch {done.epoch} produced no full global batch of {run.cfg.batch_size} x {run.world} rows: "
@@ -449,7 +549,9 @@ def _write_rank0_files(state: TrainState, run: Run, folder: str, full: dict | No
     if full is not None:  # the sharded model's full weights, gathered on rank 0 into a CPU model
         export = create_model(run.cfg.model, **run.cfg.model_overrides)
         export.load_state_dict(full)
-    torch.save(to_openai_state_dict(export, torch.float16), os.path.join(folder, OPENAI_FP16_FILE))
+    fp16 = to_openai_state_dict(export, torch.float16)
+    torch.save(fp16, os.path.join(folder, OPENAI_FP16_FILE))
+    save_safetensors(fp16, os.path.join(folder, SAFETENSORS_FILE))  # the same weights, in a code-free format
     Path(folder, MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_config)))
     Path(folder, METRICS_FILE).write_text(_csv(state.metrics))
     Path(folder, TOKENIZER_FILE).write_bytes(run.merges)
@@ -467,6 +569,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     if checkpoint is not None:
         restore(state, run, checkpoint)
+    say(run, start_line(state, run, checkpoint))
     cfg = run.cfg
     while state.position.epoch < cfg.epochs if cfg.max_steps == 0 else state.step < run.total_steps:
         stream = open_stream(state, run)
@@ -481,6 +584,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         storage.write_bytes_atomic(
             storage.join(cfg.storage_path, cfg.name, METRICS_FILE), _csv(state.metrics).encode()
         )
+
+
+def start_line(state: TrainState, run: Run, checkpoint: ray.train.Checkpoint | None) -> str:
+    """Whether this attempt resumes (from which checkpoint, step and data position) or starts fresh."""
+    if checkpoint is None:
+        return f"starting fresh: step 0 of {run.total_steps}, epoch 0, {len(run.shard_uris)} shards, {run.num_rows} rows"
+    position = state.position
+    return (
+        f"resuming from {checkpoint.path}: step {state.step} of {run.total_steps}, epoch {position.epoch}, "
+        f"{int(position.finished_mask().sum())} shards finished, {len(position.in_flight)} in flight, "
+        f"{position.trained + sum(position.bad.values())} rows of the epoch done"
+    )
 
 
 def _csv(rows: list[dict]) -> str:

@@ -8,6 +8,8 @@ gradient is averaged over ranks by `reduce_replicated_grads` before each optimiz
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -19,6 +21,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from clip_model.safe_pickle import UnsafePickleError, load_restricted
 
 
 def _units(clip: nn.Module) -> list[nn.Module]:
@@ -67,7 +71,22 @@ def save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str
     dcp.save(state, checkpoint_id=folder)
 
 
+DCP_METADATA_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+
+
+def check_sharded_metadata(folder: str) -> None:
+    """torch.distributed.checkpoint reads `.metadata` with plain `pickle.load` (it would run whatever a
+    planted file holds): unpickle it first allowing only DCP's metadata classes, dtypes and sizes."""
+    path = os.path.join(folder, ".metadata")
+    try:
+        with open(path, "rb") as f:
+            load_restricted(f.read(), DCP_METADATA_MODULES)
+    except UnsafePickleError as e:
+        raise ValueError(f"refusing to load {path}: it {e}, so loading it could run code") from None
+
+
 def load_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: str) -> None:
+    check_sharded_metadata(folder)
     model = _uncompiled(model)
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=folder)

@@ -118,7 +118,7 @@ class Position:
     `finished` is a bitset over the shard list in the epoch's shard order, zlib-compressed (shards finish
     roughly in that order, so it is mostly a run of ones: tens of bytes for thousands of shards);
     `in_flight` lists (owner rank, shard, offset) in slot order; `draws` is each worker's draw count.
-    `trained`/`bad` count the epoch's rows so far."""
+    `trained`/`bad` count the epoch's rows so far; `bad_shards` names the damaged shards met so far."""
 
     epoch: int = 0
     seed: int = 0
@@ -130,6 +130,7 @@ class Position:
     draws: list[int] = field(default_factory=list)
     trained: int = 0
     bad: dict[str, int] = field(default_factory=dict)
+    bad_shards: dict[str, list] = field(default_factory=dict)  # name -> [reason, rows read]
 
     @classmethod
     def start(cls, epoch: int, names: Sequence[str], world: int, seed: int) -> Position:
@@ -184,8 +185,9 @@ class Position:
         ]
         draws = [p["draws"] for p in sorted(parts, key=lambda p: p["rank"])]
         trained = self.trained + sum(p["trained"] for p in parts)
+        bad_shards = {**self.bad_shards, **{k: v for p in parts for k, v in p.get("bad_shards", {}).items()}}
         return Position(self.epoch, self.seed, self.num_shards, self.digest, world, self._encode(finished),
-                        in_flight, draws, trained, bad)  # fmt: skip
+                        in_flight, draws, trained, bad, bad_shards)  # fmt: skip
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -3,10 +3,14 @@ plan, and train_loop_per_worker on N workers (each reads its own shards, see pip
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
+from collections.abc import Iterator
 
+import pyarrow.fs as pafs
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -14,7 +18,18 @@ from clip_model import Tokenizer
 from pipelines import datasets, storage
 from pipelines.config import config_to_dict
 from pipelines.train.config import TrainConfig
-from pipelines.train.loop import MODEL_CONFIG_FILE, check_resumable, train_loop_per_worker
+from pipelines.train.loop import (
+    MODEL_CONFIG_FILE,
+    STATE_FILE,
+    check_resumable,
+    load_state,
+    train_loop_per_worker,
+)
+
+
+class SetupError(ValueError):
+    """A problem of the run's set-up (data, merges, vocabulary, resume source), found before any worker
+    starts: the job prints it as one line and exits 2."""
 
 
 def resolve_shards(cfg: TrainConfig) -> list[datasets.Shard]:
@@ -70,25 +85,42 @@ def _storage(cfg: TrainConfig) -> tuple[str, object | None]:
 
 
 def check_resume_source(cfg: TrainConfig) -> None:
-    """Refuse early (before any worker starts) to resume from a checkpoint of another model config."""
+    """Refuse early (before any worker starts) to resume from a checkpoint of another model config, or
+    from a local `state.pt` holding anything but tensors and plain data (the workers check any source)."""
     if cfg.resume_from:
         found = json.loads(storage.read_bytes(storage.join(cfg.resume_from, MODEL_CONFIG_FILE)))
         check_resumable(found, dataclasses.asdict(cfg.model_config()), cfg.resume_from)
+        if not storage.is_s3(cfg.resume_from):
+            load_state(os.path.join(cfg.resume_from, STATE_FILE))  # mmap: the tensors are not read
+
+
+def merges_vocab_size(cfg: TrainConfig) -> int:
+    if not cfg.tokenizer_merges:
+        raise ValueError(
+            "tokenizer_merges is required: the OpenAI-layout merges file the model's vocab comes from"
+        )
+    if not storage.exists(cfg.tokenizer_merges):
+        raise ValueError(f"tokenizer_merges {cfg.tokenizer_merges}: no such file")
+    return Tokenizer(storage.local_file(cfg.tokenizer_merges)).vocab_size
+
+
+def with_vocab_size(cfg: TrainConfig) -> TrainConfig:
+    """The model's vocab_size from the merges file when the configuration does not set it."""
+    if "vocab_size" in cfg.model_overrides:
+        return cfg
+    overrides = {**cfg.model_overrides, "vocab_size": merges_vocab_size(cfg)}
+    return dataclasses.replace(cfg, model_overrides=overrides)
 
 
 def check_tokenizer(cfg: TrainConfig, vocab_size: int) -> None:
     """Refuse early a merges file whose vocabulary is not the model's token embedding size: ids past the
     embedding would crash the workers, a smaller vocabulary would leave rows never trained."""
-    if not cfg.tokenizer_merges:
+    tokenizer_vocab = merges_vocab_size(cfg)
+    if tokenizer_vocab != vocab_size:
         raise ValueError(
-            "tokenizer_merges is required: the OpenAI-layout merges file the model's vocab comes from"
-        )
-    tokenizer = Tokenizer(storage.local_file(cfg.tokenizer_merges))
-    if tokenizer.vocab_size != vocab_size:
-        raise ValueError(
-            f"tokenizer {cfg.tokenizer_merges} has {tokenizer.vocab_size} tokens but model {cfg.model!r} has "
-            f"vocab_size={vocab_size}: set model_overrides.vocab_size={tokenizer.vocab_size} or use the "
-            "merges file the model was built for"
+            f"tokenizer {cfg.tokenizer_merges} has {tokenizer_vocab} tokens but model {cfg.model!r} has "
+            f"vocab_size={vocab_size}: set model_overrides.vocab_size={tokenizer_vocab} (or leave it out: "
+            "it is then the merges file's) or use the merges file the model was built for"
         )
 
 
@@ -117,14 +149,68 @@ def worker_paths(cfg: TrainConfig, single_node: bool) -> TrainConfig:
     return dataclasses.replace(cfg, **local)
 
 
+@contextlib.contextmanager
+def setup_errors() -> Iterator[None]:
+    """The checks' errors as one-line `SetupError`s."""
+    try:
+        yield
+    except FileNotFoundError as e:  # e.g. resume_from without model_config.json
+        raise SetupError(f"{e.filename or e}: no such file") from None
+    except ValueError as e:  # DatasetError, ResumeMismatchError, UnsafeCheckpointError, the checks below
+        raise SetupError(str(e)) from None
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """The set-up checks that need no cluster, for the job to run before it connects to Ray: merges and
+    vocabulary, shards listed, resume source."""
+    with setup_errors():
+        cfg = with_vocab_size(cfg)
+        check_tokenizer(cfg, cfg.model_config().vocab_size)
+        datasets.list_shards(cfg.data_uri, cfg.data_format)
+        check_resume_source(cfg)
+
+
+def check_setup(cfg: TrainConfig, single_node: bool) -> tuple[TrainConfig, list[datasets.Shard]]:
+    """The run's configuration as the workers get it and its shards, or a one-line `SetupError`: data
+    missing or empty, merges missing, vocabulary mismatch, a resume source that does not fit or is unsafe."""
+    with setup_errors():
+        cfg = dataclasses.replace(cfg, storage_path=storage_root(cfg, single_node))
+        cfg = with_vocab_size(worker_paths(cfg, single_node))
+        check_resume_source(cfg)
+        check_tokenizer(cfg, cfg.model_config().vocab_size)
+        return cfg, resolve_shards(cfg)
+
+
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's registered checkpoints
+
+
+def clear_unregistered_checkpoints(cfg: TrainConfig) -> list[str]:
+    """Remove the run's checkpoint folders that Ray Train never registered: a kill during an upload (before
+    the first registered checkpoint, or after the last one) leaves one behind. A rerun resumes from the
+    registered ones only (or starts fresh), so such a folder could only be mistaken for a result."""
+    run_dir = storage.join(cfg.storage_path, cfg.name)
+    fs, path = storage.resolve(run_dir)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    snapshot = storage.join(run_dir, SNAPSHOT_FILE)
+    registered = set()
+    if storage.exists(snapshot):
+        registered = set(re.findall(r"checkpoint_[\w.-]+", storage.read_bytes(snapshot).decode()))
+    stale = [i for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+             and i.base_name not in registered]  # fmt: skip
+    for info in stale:
+        fs.delete_dir(info.path)
+    return sorted(i.base_name for i in stale)
+
+
 def build_trainer(cfg: TrainConfig) -> TorchTrainer:
     single_node = _single_node()
-    cfg = dataclasses.replace(cfg, storage_path=storage_root(cfg, single_node))
-    cfg = worker_paths(cfg, single_node)
-    check_resume_source(cfg)
-    model_config = cfg.model_config()
-    check_tokenizer(cfg, model_config.vocab_size)
-    found = resolve_shards(cfg)
+    if single_node:  # nothing to watch for drains on one node (and its watcher logs an error line)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    cfg, found = check_setup(cfg, single_node)
+    if stale := clear_unregistered_checkpoints(cfg):
+        print(
+            f"removed {len(stale)} checkpoint folder(s) an interrupted run left unregistered: {', '.join(stale)}"
+        )
     num_rows = sum(s.num_samples for s in found)
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
@@ -135,6 +221,7 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
         train_loop_config={
             "config": config_to_dict(cfg),
             "shard_uris": [s.uri for s in found],
+            "shard_rows": [s.num_samples for s in found],
             "num_rows": num_rows,
             "total_steps": plan_steps(cfg, num_rows),
         },
