@@ -30,7 +30,6 @@ from pipelines.config import ConfigError, config_to_dict
 from . import clip_benchmark, published
 from .config import EvalConfig
 from .data import EvalDataError, EvalSet, open_eval_set
-from .examples import classification_examples, retrieval_examples
 from .embed import (
     EmbeddedSet,
     embed_eval_set,
@@ -41,6 +40,7 @@ from .embed import (
     needs_ray,
     resolve_device,
 )
+from .examples import classification_examples, retrieval_examples
 from .linear_probe import linear_probe
 from .report import write_report
 from .retrieval import retrieval_metrics
