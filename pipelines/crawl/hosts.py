@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import time
 import zlib
@@ -48,6 +49,7 @@ from typing import Any
 from pipelines.crawl.hoststore import RobotsStore, write_table
 from pipelines.crawl.robots import RobotsPolicy
 
+log = logging.getLogger(__name__)
 HOST_DEFERRED = "host_deferred"
 # How long a request waits for a budget actor that is being restarted (its node died) or made again.
 ACTOR_WAIT_S = 60.0
@@ -447,3 +449,13 @@ def hold_budget_actors(rules: HostRules) -> list[Any]:
     driver calls this so that a worker's death (which ends the actors that worker created) never takes
     a site's leases, back-off and robots.txt with it. Keep the list for as long as the crawl runs."""
     return [budget_actor(rules, index) for index in range(rules.shards)]
+
+
+def flush_budgets(actors: list[Any]) -> None:
+    """Write the budget actors' pending robots.txt answers (the end of a crawl; best effort)."""
+    import ray
+
+    try:
+        ray.get([a.flush.remote() for a in actors], timeout=60)
+    except (ray.exceptions.RayError, TimeoutError) as e:  # answers not written are only fetched again
+        log.warning("host store: pending robots.txt answers not written (%s)", type(e).__name__)
