@@ -4,8 +4,9 @@ Like Nutch's fetch queues and Mercator's politeness queues: every request waits 
 (`slot(site, url)`), and a heap orders the sites by the time they may next be asked. A pump hands the
 worker's free in-flight slots to the sites at the top of the heap that are due: it asks the site's budget
 (hosts.py) for the head request, which answers at once:
-- "go": the head request gets the slot (it starts at the grant's `start_at`, at most `LEAD_S` ahead);
-  the site is due again when its next start comes near;
+- "go": the head request gets the slot (it starts at the grant's `start_at`, at most the budget's round
+  trip ahead); the site is due again one round trip before its next start, so that a busy host is
+  served at its full rate however long the budget takes to answer;
 - "wait": the slot goes back at once and the site is due again after the answer's delay;
 - "robots": the slot fetches the site's robots.txt (the given callback), then the site is due again;
 - "drop": the head request fails with the reason (robots.txt disallows it, the site is deferred).
@@ -27,7 +28,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from pipelines.crawl.hosts import LEAD_S, BudgetClient, Grant
+from pipelines.crawl.hosts import LEAD_S, MAX_LEAD_S, BudgetClient, Grant
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Frontier:
         self.limit = max_in_flight
         self.fetch_robots = fetch_robots
         self.in_flight = 0  # slots given out (requests running, budget calls, robots.txt fetches)
+        self.round_trip = LEAD_S  # a moving average of the budget's answer time (s)
         self.sites: dict[str, SiteQueue] = {}
         self.heap: list[tuple[float, int, int, str]] = []  # (due, tie-breaker, version, site)
         self.counter = itertools.count()
@@ -86,6 +88,11 @@ class Frontier:
         if queue is not None and queue.queued:  # the freed lease may be what this site waited for
             self._due(site, queue, time.time())
         self.wake.set()
+
+    @property
+    def lead(self) -> float:
+        """How long before a site's next start to ask for it: the budget's round trip, with a margin."""
+        return min(MAX_LEAD_S, max(LEAD_S, 2.0 * self.round_trip))
 
     # ------------------------------------------------------------ internals
 
@@ -123,8 +130,11 @@ class Frontier:
         """One budget answer for the site's head request, acted on (module doc)."""
         url, future = queue.waiters[0]
         keeps_slot = False
+        lead = self.lead
+        asked = time.time()
         try:
-            grant = await self.budget.acquire(site, url)
+            grant = await self.budget.acquire(site, url, lead)
+            self.round_trip = 0.8 * self.round_trip + 0.2 * (time.time() - asked)
         except Exception as e:  # the budget service is gone for good: this request fails, counted
             log.warning("host budget call for %s failed (%s)", site, type(e).__name__)
             grant = Grant("drop", reason="fetch_error")
@@ -138,7 +148,7 @@ class Frontier:
                 else:
                     future.set_result(grant)
                     keeps_slot = True
-                due = now + max(0.0, grant.next_s - LEAD_S)  # asked again as its next start comes near
+                due = now + max(0.0, grant.next_s - self.lead)  # asked again as its next start comes near
             elif grant.action == "robots":
                 await self.fetch_robots(site, grant)
             elif grant.action == "wait":

@@ -34,6 +34,7 @@ HOST_OVER_BUDGET = "host_over_budget"
 PLAN_DROP = "plan_drop"  # the column of rows the plan itself drops (the crawl stage counts them)
 LANE, KEY, TIE, HOST = "_lane", "_key", "_tie", "_host"
 SLOW, NORMAL, CAPPED = 0, 1, 2
+ROWS_PER_PARTITION = 100_000
 
 
 @dataclass
@@ -114,6 +115,10 @@ def host_ordered(ds: Any, cfg: HostPlanConfig, rate: float, workers: int) -> Any
     rows = tagged.count()
     kwargs = {"rate": rate, "horizon_s": horizon_s(rows, cfg, workers), "over_horizon": cfg.over_horizon,
               "seed": cfg.seed}  # fmt: skip
-    grouped = tagged.groupby(HOST).map_groups(spread_host, fn_kwargs=kwargs, batch_format="pandas")
+    # Partitions (hence plan parts) of ROWS_PER_PARTITION rows, not Ray Data's default 200 of any size.
+    partitions = max(1, min(200, rows // ROWS_PER_PARTITION))
+    grouped = tagged.groupby(HOST, num_partitions=partitions).map_groups(
+        spread_host, fn_kwargs=kwargs, batch_format="pandas"
+    )
     ordered = grouped.sort([LANE, KEY, TIE])
     return ordered.drop_columns([LANE, KEY, TIE, HOST])

@@ -11,11 +11,11 @@ actor named after the crawl's `budget_scope` and a digest of its rules. The buil
 (`hold_budget_actors`: their number derived from the crawl's workers, placed on crawl nodes), so they live
 as long as the crawl whatever worker dies; a worker finds them by name (`get_if_exists`). A worker asks
 `acquire(site, url)` and never waits inside the actor; the answer is a `Grant`:
-- "go": the request may start at `start_at` (wall clock, at most `LEAD_S` ahead: the worker sleeps until
-  then, so starts are spaced as the server sees them); a concurrency lease is held until `release`, and
+- "go": the request may start at `start_at` (wall clock, at most `lead` ahead, the worker's round trip
+  to this actor: the worker sleeps until then, so starts are spaced as the server sees them); a concurrency lease is held until `release`, and
   the site's next start is `next_s` from now;
 - "wait": not before `delay_s` from now (the site is at its concurrency limit, another worker is
-  fetching its robots.txt, or its next start is further than `LEAD_S` away). The worker's frontier
+  fetching its robots.txt, or its next start is further than `lead` away). The worker's frontier
   (frontier.py) serves other hosts meanwhile;
 - "robots": this worker fetches the site's robots.txt (once for the whole crawl) and hands the answer
   back with `put_robots`;
@@ -54,9 +54,11 @@ HOST_DEFERRED = "host_deferred"
 # How long a request waits for a budget actor that is being restarted (its node died) or made again.
 ACTOR_WAIT_S = 60.0
 BACKOFF_STATUS = frozenset({429, 503})
-# A "go" is given at most this long before its start: the answer reaches the worker in time, and the
-# worker's in-flight slot is reserved no longer than this before its request starts.
-LEAD_S = 0.1
+# A "go" is given at most `lead` before its start, the asking worker's round trip to the budget (at least
+# LEAD_S, at most MAX_LEAD_S): the answer reaches the worker in time, and its in-flight slot is reserved
+# no longer before its request starts than the answer took to come anyway.
+LEAD_S = 0.05
+MAX_LEAD_S = 1.0
 # Starts are spaced by the interval plus this fraction of it, so that the jitter between the grant's start
 # and the request reaching the server never brings two starts closer than 1/rate.
 SPACING_MARGIN = 0.02
@@ -139,15 +141,17 @@ class HostBudget:
         # Lease ids from the clock, so a release meant for a restarted actor's predecessor frees nothing.
         self.next_lease = time.time_ns()
 
-    async def acquire(self, site: str, url: str) -> Grant:
-        return (await self.acquire_many([(site, url)]))[0]
+    async def acquire(self, site: str, url: str, lead: float = LEAD_S) -> Grant:
+        return (await self.acquire_many([(site, url, lead)]))[0]
 
-    async def acquire_many(self, requests: list[tuple[str, str]], releases: list[tuple] = ()) -> list[Grant]:
-        """Batched: first `releases` (argument tuples of `release`), then a grant for each request."""
+    async def acquire_many(
+        self, requests: list[tuple[str, str, float]], releases: list[tuple] = ()
+    ) -> list[Grant]:
+        """Batched: first `releases` (argument tuples of `release`), then a grant for each (site, url, lead)."""
         await self._load()
         self.release_many(releases)
         now = time.time()
-        grants = [self._decide(site, url, now) for site, url in requests]
+        grants = [self._decide(site, url, now, lead) for site, url, lead in requests]
         self.decisions += len(grants)
         await self._flush()
         return grants
@@ -164,8 +168,11 @@ class HostBudget:
                          error: str | None = None) -> None:  # fmt: skip
         """The answer to the robots.txt fetch that `acquire` asked for with `lease`."""
         await self._load()
-        self.robots.put(site, status, body, error)
+        policy = self.robots.put(site, status, body, error)
         state = self._state(site)
+        # A Crawl-delay counts from the robots.txt request itself (it started when its lease began).
+        started = state.leases.get(lease, time.time() + self.rules.lease_s) - self.rules.lease_s
+        state.next_start = max(state.next_start, started + self._interval(policy))
         if state.robots_lease == lease:
             state.robots_lease = 0
         self._release(site, lease, status if status in BACKOFF_STATUS else None)
@@ -197,7 +204,7 @@ class HostBudget:
 
     # ------------------------------------------------------------ internals
 
-    def _decide(self, site: str, url: str, now: float) -> Grant:
+    def _decide(self, site: str, url: str, now: float, lead: float = LEAD_S) -> Grant:
         state = self._state(site)
         active = state.live_leases(now)
         if state.deferred_until > now:
@@ -219,8 +226,9 @@ class HostBudget:
         start = max(now, state.next_start, state.paused_until)
         if start - now > self.rules.max_wait_s:
             return Grant("drop", reason=HOST_DEFERRED)
-        if start - now > LEAD_S:
-            return Grant("wait", start - now - LEAD_S)
+        lead = min(MAX_LEAD_S, max(LEAD_S, lead))
+        if start - now > lead:
+            return Grant("wait", start - now - lead)
         state.next_start = start + interval
         lease = self.next_lease
         self.next_lease += 1
@@ -282,7 +290,7 @@ def shard_of(site: str, shards: int) -> int:
 class Batch:
     """Requests and releases on their way to one budget shard in the next call."""
 
-    requests: list[tuple[str, str]] = field(default_factory=list)
+    requests: list[tuple[str, str, float]] = field(default_factory=list)
     futures: list[asyncio.Future] = field(default_factory=list)
     releases: list[tuple] = field(default_factory=list)
 
@@ -313,18 +321,18 @@ class BudgetClient:
             return ray.is_initialized()
         return self.mode == "cluster"
 
-    async def acquire(self, site: str, url: str) -> Grant:
+    async def acquire(self, site: str, url: str, lead: float = LEAD_S) -> Grant:
         if not self.clustered:
-            return await self._local().acquire(site, url)
+            return await self._local().acquire(site, url, lead)
         index = shard_of(site, self.rules.shards)
         future = asyncio.get_running_loop().create_future()
         batch = self._batch(index)
-        batch.requests.append((site, url))
+        batch.requests.append((site, url, lead))
         batch.futures.append(future)
         try:
             return await future
         except Exception:  # the batched call failed (its actor died): asked again directly, waited out
-            return await self._call(index, "acquire", site, url)
+            return await self._call(index, "acquire", site, url, lead)
 
     async def release(self, site: str, lease: int, status: int | None = None,
                       retry_after: float | None = None) -> None:  # fmt: skip
