@@ -138,6 +138,7 @@ class HostBudget:
         self.robots = RobotsStore(rules.store, rules.shards, index, rules.max_hosts)
         self.loaded: asyncio.Future | None = None
         self.decisions = 0
+        self.busy_s = 0.0  # time spent deciding (for the decisions-per-second figure)
         # Lease ids from the clock, so a release meant for a restarted actor's predecessor frees nothing.
         self.next_lease = time.time_ns()
 
@@ -149,10 +150,12 @@ class HostBudget:
     ) -> list[Grant]:
         """Batched: first `releases` (argument tuples of `release`), then a grant for each (site, url, lead)."""
         await self._load()
+        began = time.perf_counter()
         self.release_many(releases)
         now = time.time()
         grants = [self._decide(site, url, now, lead) for site, url, lead in requests]
         self.decisions += len(grants)
+        self.busy_s += time.perf_counter() - began
         await self._flush()
         return grants
 
@@ -167,7 +170,18 @@ class HostBudget:
     async def put_robots(self, site: str, lease: int, status: int | None, body: bytes | None,
                          error: str | None = None) -> None:  # fmt: skip
         """The answer to the robots.txt fetch that `acquire` asked for with `lease`."""
+        await self.put_robots_many([(site, lease, status, body, error)])
+
+    async def put_robots_many(self, answers: list[tuple]) -> None:
+        """Batched `put_robots` (argument tuples)."""
         await self._load()
+        for args in answers:
+            self._put_robots(*args)
+        await self._flush()
+
+    def _put_robots(
+        self, site: str, lease: int, status: int | None, body: bytes | None, error: str | None
+    ) -> None:
         policy = self.robots.put(site, status, body, error)
         state = self._state(site)
         # A Crawl-delay counts from the robots.txt request itself (it started when its lease began).
@@ -176,11 +190,14 @@ class HostBudget:
         if state.robots_lease == lease:
             state.robots_lease = 0
         self._release(site, lease, status if status in BACKOFF_STATUS else None)
-        await self._flush()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, Any]:
+        """Counts and costs of this shard: sites, robots.txt answers, decisions and their time, peak RSS."""
+        import resource
+
         return {"sites": len(self.sites), "robots": len(self.robots.answers), "decisions": self.decisions,
-                "robots_files": self.robots.files_written}  # fmt: skip
+                "busy_s": self.busy_s, "robots_files": self.robots.files_written,
+                "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
 
     async def flush(self) -> None:
         """Write the pending robots.txt answers now (the end of a crawl)."""
