@@ -372,12 +372,17 @@ class Fetcher:
     async def _slot(self, site: str, url: str) -> Grant:
         """Waits in the frontier for the site's budget to let a request start, then until its start time."""
         assert self.frontier is not None
-        try:
-            grant = await self.frontier.slot(site, url)
-        except Dropped as e:
-            raise FetchError(e.reason) from None
-        await sleep_until(grant.start_at)
-        return grant
+        while True:
+            try:
+                grant = await self.frontier.slot(site, url)
+            except Dropped as e:
+                raise FetchError(e.reason) from None
+            await sleep_until(grant.start_at)
+            if time.time() - grant.start_at <= grant.slack_s:
+                return grant
+            # Too late (a busy event loop): starting now would come too close to the next start, so this
+            # start is given back unused and the request queues again.
+            await self.frontier.done(site, grant)
 
     async def _fetch_robots(self, site: str, grant: Grant) -> None:
         """The frontier's robots.txt fetch for `site` under `grant`; the answer goes to the budget."""

@@ -61,7 +61,7 @@ LEAD_S = 0.05
 MAX_LEAD_S = 1.0
 # Starts are spaced by the interval plus this fraction of it, so that the jitter between the grant's start
 # and the request reaching the server never brings two starts closer than 1/rate.
-SPACING_MARGIN = 0.02
+SPACING_MARGIN = 0.03
 POLL_S = 0.05  # the shortest "wait" (concurrency full, robots.txt being fetched elsewhere)
 # Budget actors per shard worker when their number is derived from the pool (`budget_shards: 0`).
 WORKERS_PER_BUDGET = 8
@@ -105,6 +105,9 @@ class Grant:
     reason: str | None = None
     start_at: float = 0.0  # go/robots: wall-clock time the request may start
     next_s: float = 0.0  # go/robots: from now until the site's next start
+    # go: how late after `start_at` the request may still start; a later one would come closer than 1/rate
+    # to the next grant's request, so it gives the grant back instead (the spacing margin; inf: no rate).
+    slack_s: float = math.inf
 
 
 @dataclass
@@ -244,6 +247,8 @@ class HostBudget:
         if start - now > self.rules.max_wait_s:
             return Grant("drop", reason=HOST_DEFERRED)
         lead = min(MAX_LEAD_S, max(LEAD_S, lead))
+        if interval > 0:  # a spaced start is set far enough ahead for the answer to arrive before it
+            start = max(start, now + lead / 2)
         if start - now > lead:
             return Grant("wait", start - now - lead)
         state.next_start = start + interval
@@ -253,7 +258,8 @@ class HostBudget:
         if need_robots:
             state.robots_lease = lease
         action = "robots" if need_robots else "go"
-        return Grant(action, start - now, lease, start_at=start, next_s=state.next_start - now)
+        slack = interval * SPACING_MARGIN / (1.0 + SPACING_MARGIN) if interval > 0 else math.inf
+        return Grant(action, start - now, lease, start_at=start, next_s=state.next_start - now, slack_s=slack)
 
     def _policy(self, site: str, now: float) -> RobotsPolicy | None:
         """The site's robots.txt policy while it is fresh, else None (to be fetched)."""
@@ -454,19 +460,35 @@ def budget_actor(rules: HostRules, index: int) -> Any:
     """Budget shard `index` of the crawl `rules.scope` (created if no worker made it yet)."""
     import ray
 
-    remote = ray.remote(HostBudget)
-    options: dict[str, Any] = {}
-    if rules.resources:  # on the crawl nodes, a sliver of their resource each (not counted as a worker)
-        options["resources"] = {name: 0.001 for name, _ in rules.resources}
-    return remote.options(
-        name=f"host-budget-{rules.scope}-{rules.digest()}-{index}",
-        get_if_exists=True,
-        num_cpus=0,
-        max_concurrency=1000,  # calls never wait inside (non-blocking answers)
-        max_restarts=-1,
-        scheduling_strategy="SPREAD",
-        **options,
-    ).remote(rules, index)
+    return (
+        ray.remote(HostBudget)
+        .options(
+            name=f"host-budget-{rules.scope}-{rules.digest()}-{index}",
+            get_if_exists=True,
+            num_cpus=0,
+            max_concurrency=1000,  # calls never wait inside (non-blocking answers)
+            max_restarts=-1,
+            scheduling_strategy=placement(rules, index),
+        )
+        .remote(rules, index)
+    )
+
+
+def placement(rules: HostRules, index: int) -> Any:
+    """Where budget shard `index` goes: a crawl node (one with the workers' custom resources), the shards
+    dealt round the crawl nodes there are now (soft: anywhere if none is up yet); else spread. Affinity,
+    not a resource request: a sliver of `crawl` would leave a whole worker's unit unusable on that node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not rules.resources:
+        return "SPREAD"
+    wanted = [name for name, _ in rules.resources]
+    nodes = sorted(n["NodeID"] for n in ray.nodes()
+                   if n.get("Alive") and all(n.get("Resources", {}).get(r, 0) > 0 for r in wanted))  # fmt: skip
+    if not nodes:
+        return "SPREAD"
+    return NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=True)
 
 
 def hold_budget_actors(rules: HostRules) -> list[Any]:
