@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 # What a host may look like once parsed (IDNA-encoded names, IPv4, IPv6 without brackets).
 HOST_CHARS = re.compile(r"[A-Za-z0-9._:%-]+")
+# A request whose start came this many times too late (see `_slot`) goes at its next start however late:
+# its release then tells the budget when it really started, so the starts after it keep their spacing.
+MAX_LATE_STARTS = 3
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 # Cloud metadata endpoints; most are already link-local or private, listed so that no
@@ -372,23 +375,25 @@ class Fetcher:
     async def _slot(self, site: str, url: str) -> Grant:
         """Waits in the frontier for the site's budget to let a request start, then until its start time."""
         assert self.frontier is not None
-        while True:
+        for attempt in range(MAX_LATE_STARTS + 1):
             try:
                 grant = await self.frontier.slot(site, url)
             except Dropped as e:
                 raise FetchError(e.reason) from None
             await sleep_until(grant.start_at)
-            if time.time() - grant.start_at <= grant.slack_s:
+            if time.time() - grant.start_at <= grant.slack_s or attempt == MAX_LATE_STARTS:
                 return grant
             # Too late (a busy event loop): starting now would come too close to the next start, so this
             # start is given back unused and the request queues again.
             await self.frontier.done(site, grant)
+        raise AssertionError("unreachable")
 
     async def _fetch_robots(self, site: str, grant: Grant) -> None:
         """The frontier's robots.txt fetch for `site` under `grant`; the answer goes to the budget."""
-        status, body, error = None, None, None
+        status, body, error, started = None, None, None, None
         try:
             await sleep_until(grant.start_at)
+            started = time.time()
             status, body = await self._get_robots(URL(robots_url(site)))
         except FetchError as e:
             status, error = e.status, e.reason
@@ -396,7 +401,7 @@ class Fetcher:
             log.warning("robots.txt of %s failed unexpectedly", site, exc_info=True)
             error = "fetch_error"
         finally:
-            await self.budget.put_robots(site, grant.lease, status, body, error)
+            await self.budget.put_robots(site, grant.lease, status, body, error, started)
 
     async def _get_robots(self, url: URL) -> tuple[int, bytes]:
         """(status, first MAX_ROBOTS_BYTES of the body), following up to 5 redirects (RFC 9309)."""
@@ -428,6 +433,7 @@ class Fetcher:
         grant = await self._slot(site, str(url))
         status, retry_after = None, None
         assert self.session is not None
+        started = time.time()
         try:
             async with self.session.get(url, allow_redirects=False) as resp:
                 status = resp.status
@@ -451,7 +457,7 @@ class Fetcher:
             raise FetchError("connection_error", retryable=True, status=status) from e
         finally:
             assert self.frontier is not None
-            await self.frontier.done(site, grant, status, retry_after)
+            await self.frontier.done(site, grant, status, retry_after, started)
 
     async def _response(self, resp: aiohttp.ClientResponse, retry_after: float | None) -> Redirect | Fetched:
         cfg = self.config

@@ -79,11 +79,11 @@ class Frontier:
         self._ensure_pump()
         return await future
 
-    async def done(self, site: str, grant: Grant, status: int | None = None,
-                   retry_after: float | None = None) -> None:  # fmt: skip
-        """The request of `grant` is over: its slot and lease go back."""
+    async def done(self, site: str, grant: Grant, status: int | None = None, retry_after: float | None = None,
+                   started: float | None = None) -> None:  # fmt: skip
+        """The request of `grant` (sent at `started`; None: never sent) is over: its slot and lease go back."""
         self.in_flight -= 1
-        await self.budget.release(site, grant.lease, status, retry_after)
+        await self.budget.release(site, grant.lease, status, retry_after, started)
         queue = self.sites.get(site)
         if queue is not None and queue.queued:  # the freed lease may be what this site waited for
             self._due(site, queue, time.time())

@@ -62,6 +62,7 @@ MAX_LEAD_S = 1.0
 # Starts are spaced by the interval plus this fraction of it, so that the jitter between the grant's start
 # and the request reaching the server never brings two starts closer than 1/rate.
 SPACING_MARGIN = 0.03
+MIN_SLACK_S = 0.002  # at high rates the margin is below any clock's jitter: a late start may be this late
 POLL_S = 0.05  # the shortest "wait" (concurrency full, robots.txt being fetched elsewhere)
 # Budget actors per shard worker when their number is derived from the pool (`budget_shards: 0`).
 WORKERS_PER_BUDGET = 8
@@ -166,14 +167,14 @@ class HostBudget:
         for args in releases:
             self._release(*args)
 
-    async def release(self, site: str, lease: int, status: int | None = None,
-                      retry_after: float | None = None) -> None:  # fmt: skip
-        self._release(site, lease, status, retry_after)
+    async def release(self, site: str, lease: int, status: int | None = None, retry_after: float | None = None,
+                      started: float | None = None) -> None:  # fmt: skip
+        self._release(site, lease, status, retry_after, started)
 
     async def put_robots(self, site: str, lease: int, status: int | None, body: bytes | None,
-                         error: str | None = None) -> None:  # fmt: skip
-        """The answer to the robots.txt fetch that `acquire` asked for with `lease`."""
-        await self.put_robots_many([(site, lease, status, body, error)])
+                         error: str | None = None, started: float | None = None) -> None:  # fmt: skip
+        """The answer to the robots.txt fetch that `acquire` asked for with `lease` (sent at `started`)."""
+        await self.put_robots_many([(site, lease, status, body, error, started)])
 
     async def put_robots_many(self, answers: list[tuple]) -> None:
         """Batched `put_robots` (argument tuples)."""
@@ -182,17 +183,15 @@ class HostBudget:
             self._put_robots(*args)
         await self._flush()
 
-    def _put_robots(
-        self, site: str, lease: int, status: int | None, body: bytes | None, error: str | None
-    ) -> None:
-        policy = self.robots.put(site, status, body, error)
+    def _put_robots(self, site: str, lease: int, status: int | None, body: bytes | None, error: str | None,
+                    started: float | None = None) -> None:  # fmt: skip
+        self.robots.put(site, status, body, error)
         state = self._state(site)
-        # A Crawl-delay counts from the robots.txt request itself (it started when its lease began).
-        started = state.leases.get(lease, time.time() + self.rules.lease_s) - self.rules.lease_s
-        state.next_start = max(state.next_start, started + self._interval(policy))
         if state.robots_lease == lease:
             state.robots_lease = 0
-        self._release(site, lease, status if status in BACKOFF_STATUS else None)
+        if started is None:  # when the robots.txt request was sent: at the latest, when its lease began
+            started = state.leases.get(lease, time.time() + self.rules.lease_s) - self.rules.lease_s
+        self._release(site, lease, status if status in BACKOFF_STATUS else None, None, started)
 
     def stats(self) -> dict[str, Any]:
         """Counts and costs of this shard: sites, robots.txt answers, decisions and their time, peak RSS."""
@@ -206,10 +205,13 @@ class HostBudget:
         """Write the pending robots.txt answers now (the end of a crawl)."""
         await self._flush(force=True)
 
-    def _release(self, site: str, lease: int, status: int | None, retry_after: float | None = None) -> None:
+    def _release(self, site: str, lease: int, status: int | None, retry_after: float | None = None,
+                 started: float | None = None) -> None:  # fmt: skip
         state = self._state(site)
         state.leases.pop(lease, None)
         now = time.time()
+        if started is not None:  # the request went out late: the next starts count from when it did
+            state.next_start = max(state.next_start, started + self._interval(self._policy(site, now)))
         if status in BACKOFF_STATUS:
             state.failures += 1
             pause = retry_after
@@ -258,7 +260,9 @@ class HostBudget:
         if need_robots:
             state.robots_lease = lease
         action = "robots" if need_robots else "go"
-        slack = interval * SPACING_MARGIN / (1.0 + SPACING_MARGIN) if interval > 0 else math.inf
+        slack = (
+            max(MIN_SLACK_S, interval * SPACING_MARGIN / (1.0 + SPACING_MARGIN)) if interval > 0 else math.inf
+        )
         return Grant(action, start - now, lease, start_at=start, next_s=state.next_start - now, slack_s=slack)
 
     def _policy(self, site: str, now: float) -> RobotsPolicy | None:
@@ -357,21 +361,21 @@ class BudgetClient:
         except Exception:  # the batched call failed (its actor died): asked again directly, waited out
             return await self._call(index, "acquire", site, url, lead)
 
-    async def release(self, site: str, lease: int, status: int | None = None,
-                      retry_after: float | None = None) -> None:  # fmt: skip
+    async def release(self, site: str, lease: int, status: int | None = None, retry_after: float | None = None,
+                      started: float | None = None) -> None:  # fmt: skip
         if not self.clustered:
-            await self._local().release(site, lease, status, retry_after)
+            await self._local().release(site, lease, status, retry_after, started)
         else:  # sent with the next batch; a lost release only expires later (lease_s)
-            self._batch(shard_of(site, self.rules.shards)).releases.append((site, lease, status, retry_after))
+            releases = self._batch(shard_of(site, self.rules.shards)).releases
+            releases.append((site, lease, status, retry_after, started))
 
     async def put_robots(self, site: str, lease: int, status: int | None, body: bytes | None,
-                         error: str | None) -> None:  # fmt: skip
+                         error: str | None, started: float | None = None) -> None:  # fmt: skip
         if not self.clustered:
-            await self._local().put_robots(site, lease, status, body, error)
+            await self._local().put_robots(site, lease, status, body, error, started)
         else:
-            await self._call(
-                shard_of(site, self.rules.shards), "put_robots", site, lease, status, body, error
-            )
+            index = shard_of(site, self.rules.shards)
+            await self._call(index, "put_robots", site, lease, status, body, error, started)
 
     async def drain(self) -> None:
         """Sends every queued release and waits for the calls in flight (end of a batch, close)."""
