@@ -92,7 +92,7 @@ class Frontier:
     @property
     def lead(self) -> float:
         """How long before a site's next start to ask for it: the budget's round trip, with a margin."""
-        return min(MAX_LEAD_S, max(LEAD_S, 2.0 * self.round_trip))
+        return min(MAX_LEAD_S, max(LEAD_S, 1.5 * self.round_trip))
 
     # ------------------------------------------------------------ internals
 

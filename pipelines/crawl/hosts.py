@@ -208,10 +208,17 @@ class HostBudget:
     def _release(self, site: str, lease: int, status: int | None, retry_after: float | None = None,
                  started: float | None = None) -> None:  # fmt: skip
         state = self._state(site)
-        state.leases.pop(lease, None)
+        expiry = state.leases.pop(lease, None)
         now = time.time()
+        interval = self._interval(self._policy(site, now))
         if started is not None:  # the request went out late: the next starts count from when it did
-            state.next_start = max(state.next_start, started + self._interval(self._policy(site, now)))
+            state.next_start = max(state.next_start, started + interval)
+        elif expiry is not None and status is None:
+            # Never sent (given back, or its caller went away): if no start was granted after it, the
+            # next may come when it would have (no request went out then, so the spacing still holds).
+            began = expiry - self.rules.lease_s
+            if abs(state.next_start - (began + interval)) < 1e-6:
+                state.next_start = began
         if status in BACKOFF_STATUS:
             state.failures += 1
             pause = retry_after
@@ -243,8 +250,8 @@ class HostBudget:
             else:
                 need_robots = True
         interval = self._interval(policy)
-        if active >= max(1, self.rules.concurrency):
-            return Grant("wait", max(POLL_S, interval))
+        if active >= max(1, self.rules.concurrency):  # asked again soon (another worker's lease may end)
+            return Grant("wait", POLL_S)
         start = max(now, state.next_start, state.paused_until)
         if start - now > self.rules.max_wait_s:
             return Grant("drop", reason=HOST_DEFERRED)
