@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from jobs.submit import run_job  # noqa: E402
 from pipelines import progress  # noqa: E402
+from pipelines.crawl import key_stats  # noqa: E402
 from pipelines.demo_corpus import CorpusParams, serve, write_corpus  # noqa: E402
 from pipelines.local_cluster import LocalRayCluster  # noqa: E402
 
@@ -46,7 +47,7 @@ MODEL = {"model": "tiny-rn", "image_resolution": 32, "context_length": 32}
 EVAL_SETS = [("colour_seen", "seen", "colour"), ("colour_novel", "novel", "colour"),
              ("shape_seen", "seen", "shape"), ("shape_novel", "novel", "shape"), ("combo_all", None, "combo")]  # fmt: skip
 # Pipeline order of the funnel's stages (stats files keep them sorted by name).
-STAGE_ORDER = ["read", "text_filter", "match", "dedupe", "balance", "input", "fetch", "image"]
+STAGE_ORDER = ["read", "text_filter", "match", "dedupe", "balance", "input", "caption", "fetch", "image"]
 
 
 def train_tokenizer(captions: list[str], out: Path, vocab_size: int) -> int:
@@ -150,7 +151,10 @@ def plot_drops(rows: list[tuple[str, int, int, dict[str, int]]], out: Path) -> N
     plt.close(fig)
 
 
-def plot_funnel(stats: dict, out_funnel: Path, out_queries: Path) -> list[tuple[str, int, int]]:
+def plot_funnel(
+    stats: dict, per_query: list[int], out_funnel: Path, out_queries: Path
+) -> list[tuple[str, int, int]]:
+    """The funnel and the histogram of pairs kept per query (`per_query`: the build's `_stats_queries`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,9 +162,8 @@ def plot_funnel(stats: dict, out_funnel: Path, out_queries: Path) -> list[tuple[
 
     rows = funnel_stages(stats)
     plot_drops(rows, out_funnel)
-    per_query = stats.get("counters", {}).get("per_query_kept", {})
     fig, ax = plt.subplots(figsize=(8, 3))
-    ax.hist(list(per_query.values()) or [0], bins=20)
+    ax.hist(per_query or [0], bins=20)
     ax.set_title(f"pairs per query ({len(per_query)} queries)")
     ax.set_xlabel("pairs kept")
     fig.tight_layout()
@@ -249,7 +252,8 @@ def run(args: argparse.Namespace) -> dict:
             if cluster is not None:
                 cluster.stop()
 
-    funnel = plot_funnel(stats, run_dir / "funnel.png", run_dir / "per_query.png")
+    per_query = key_stats.read_table(str(data / "shards"), "queries").column("kept").to_pylist()
+    funnel = plot_funnel(stats, per_query, run_dir / "funnel.png", run_dir / "per_query.png")
     training = plot_training(train_dir / "metrics.csv", run_dir / "training_curve.png")
     results = {name: json.loads((eval_dir / name / "results.json").read_text()) for name, _, _ in EVAL_SETS}
     zero_shot = {}

@@ -20,7 +20,7 @@ import ray
 
 from pipelines import shards, storage
 from pipelines.config import config_to_dict
-from pipelines.crawl import aggregate
+from pipelines.crawl import aggregate, key_stats
 from pipelines.crawl.build import STATS_FILE, build_crawl
 from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.plan import PLAN_DIR
@@ -86,6 +86,8 @@ def clear_output(out_uri: str) -> None:
     """Remove what a build writes under `out_uri` (plan, sidecars, shards, manifests, stats, index)."""
     for folder in (PLAN_DIR, ROWS_DIR):
         storage.delete(storage.join(out_uri, folder))
+    for name in key_stats.TABLES:
+        storage.delete(key_stats.folder(out_uri, name))
     suffixes = (".tar", ".parquet", shards.MANIFEST_SUFFIX, STATS_FILE)
     for uri in storage.list_files(out_uri):
         if uri.endswith(suffixes) or uri.endswith(aggregate.INDEX_FILE):

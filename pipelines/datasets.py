@@ -94,6 +94,8 @@ def list_shards(data_uri: str, data_format: str = "webdataset") -> list[str]:
             uris.extend(expand_braces(part))
         elif part.endswith(tuple(EXTENSIONS.values())):
             uris.append(part)
+        elif (indexed := indexed_shards(part, data_format)) is not None:
+            uris.extend(indexed)  # our index lists the shards: no listing of a folder of millions of keys
         else:
             names = ((u, u.rsplit("/", 1)[-1]) for u in storage.list_files(part, ext))
             uris.extend(u for u, n in names if ".tmp-" not in n and not n.startswith(("_", ".")))  # _index
@@ -117,19 +119,42 @@ def read_index(folder: str) -> dict[str, dict] | None:
     return {row["shard"]: row for row in table.to_pylist()}
 
 
+def indexed_shards(folder: str, data_format: str) -> list[str] | None:
+    """The shard files of `data_format` that `{folder}/_index.parquet` locates (its `tar_path` /
+    `parquet_path` columns, relative to the folder), in shard order; None when there is no such index."""
+    index = read_index(folder)
+    column = "tar_path" if data_format == "webdataset" else "parquet_path"
+    if not index or column not in next(iter(index.values())):
+        return None
+    return [storage.join(folder, row[column]) for _, row in sorted(index.items()) if row[column]]
+
+
 def _from_index(uris: Sequence[str], data_format: str) -> dict[str, int]:
     """Counts of the shards an index knows (one index read per folder)."""
     bytes_column = "tar_bytes" if data_format == "webdataset" else "parquet_bytes"
     counts: dict[str, int] = {}
     indexes: dict[str, dict | None] = {}
     for uri in uris:
-        folder = _parent(uri)
-        if folder not in indexes:
-            indexes[folder] = read_index(folder)
-        row = (indexes[folder] or {}).get(shard_name(uri))
+        row = _index_row(uri, indexes)
         if row is not None and row.get(bytes_column, 1) != 0:
             counts[uri] = int(row["num_samples"])
     return counts
+
+
+def _index_row(uri: str, indexes: dict[str, dict | None]) -> dict | None:
+    """A shard's row in the index beside it or, for a shard in a prefix folder (shards.shard_dir), in
+    the dataset folder above, where the row's path must name it. `indexes` caches reads per folder."""
+    parent = _parent(uri)
+    for folder in (parent, _parent(parent)):
+        if folder not in indexes:
+            indexes[folder] = read_index(folder)
+        row = (indexes[folder] or {}).get(shard_name(uri))
+        if folder == parent and (row is not None or indexes[folder] is not None):
+            return row
+        relative = uri[len(folder) + 1 :]
+        if row is not None and relative in (row.get("tar_path"), row.get("parquet_path")):
+            return row
+    return None
 
 
 def count_rows(uri: str) -> int:

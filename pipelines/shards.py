@@ -25,6 +25,7 @@ from pipelines import storage
 
 FORMATS = ("webdataset", "parquet")
 MANIFEST_SUFFIX = ".manifest.json"
+INDEX_FILE = "_index.parquet"  # shard -> samples, bytes, file paths (pipelines/crawl/aggregate.py)
 # Columns every Parquet shard has, in this order; further metadata fields follow.
 META_COLUMNS = ("url", "caption", "query", "width", "height", "original_width", "original_height", "sha256")
 
@@ -77,22 +78,32 @@ def keys_digest(keys: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def shard_dir(shard_name: str, prefix_chars: int = 0) -> str:
+    """The folder of a shard's data files, relative to the dataset: "" (flat, img2dataset's layout), or
+    the first `prefix_chars` hex digits of the name's sha1, which spreads the keys of a big dataset over
+    16**prefix_chars S3 prefixes (each prefix has its own request rate; listings stay short)."""
+    return hashlib.sha1(shard_name.encode()).hexdigest()[:prefix_chars] if prefix_chars else ""
+
+
 def write_shard_files(
-    samples: Sequence[dict[str, Any]], out_uri: str, shard_name: str, formats: Sequence[str] = FORMATS
+    samples: Sequence[dict[str, Any]],
+    out_uri: str,
+    shard_name: str,
+    formats: Sequence[str] = FORMATS,
+    subdir: str = "",
 ) -> dict[str, int]:
-    """Write one shard's data files (each atomically). Returns {file name: bytes}."""
+    """Write one shard's data files (each atomically) under `subdir` (`shard_dir`). Returns {path relative
+    to `out_uri`: bytes}, what the manifest and the index record."""
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise ValueError(f"unknown shard format(s) {sorted(unknown)}; choose from {list(FORMATS)}")
     files = {}
-    if "webdataset" in formats:
-        data = tar_bytes(samples)
-        storage.write_bytes_atomic(storage.join(out_uri, f"{shard_name}.tar"), data)
-        files[f"{shard_name}.tar"] = len(data)
-    if "parquet" in formats:
-        data = parquet_bytes(samples)
-        storage.write_bytes_atomic(storage.join(out_uri, f"{shard_name}.parquet"), data)
-        files[f"{shard_name}.parquet"] = len(data)
+    for fmt, ext, encode in (("webdataset", ".tar", tar_bytes), ("parquet", ".parquet", parquet_bytes)):
+        if fmt in formats:
+            data = encode(samples)
+            relative = f"{subdir}/{shard_name}{ext}" if subdir else f"{shard_name}{ext}"
+            storage.write_bytes_atomic(storage.join(out_uri, relative), data)
+            files[relative] = len(data)
     return files
 
 
@@ -129,7 +140,13 @@ def write_shard(
 
 
 def committed_names(out_uri: str) -> set[str]:
-    """Names of the committed shards, found by listing (no manifest is read)."""
+    """Names of the committed shards (no manifest is read): the shards of `_index.parquet`, which a build
+    writes last, once every shard is committed; else (a build not yet finished) by listing the manifests."""
+    index = storage.join(out_uri, INDEX_FILE)
+    if storage.exists(index):
+        return set(
+            pq.read_table(io.BytesIO(storage.read_bytes(index)), columns=["shard"])["shard"].to_pylist()
+        )
     return {
         u.rsplit("/", 1)[-1][: -len(MANIFEST_SUFFIX)] for u in storage.list_files(out_uri, MANIFEST_SUFFIX)
     }

@@ -2,7 +2,8 @@
 
 S3 uses pyarrow's normal AWS credential chain (env vars, profile, instance profile). For S3-compatible
 servers (MinIO, moto on loopback in the tests) set `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`.
-Writes go to a temporary name first and are then moved, so a reader never sees half a file.
+A reader never sees half a file: S3 objects are written with one PUT, local files under a temporary
+name that is then renamed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def s3_filesystem() -> pafs.S3FileSystem:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
+    # Delayed open: an output stream starts no multipart upload before its first full part, so a small
+    # object is one PutObject on close (an eager open costs create + upload part + complete).
+    return pafs.S3FileSystem(allow_delayed_open=True, **kwargs)
 
 
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -83,10 +86,17 @@ def local_file(uri: str) -> str:
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write to `<name>.tmp-<random>` then move into place (a rename locally, copy+delete on S3)."""
+    """Write `uri` so that no reader ever sees half of it. On S3 that is one PUT (an object appears whole
+    or not at all; no copy, no delete); locally, `<name>.tmp-<random>` then a rename."""
     fs, path = resolve(uri)
+    if is_s3(uri):
+        # A body that fits in one part is a single PutObject (s3_filesystem: delayed open); a larger one a
+        # multipart upload, just as atomic: the object appears when the upload completes.
+        with fs.open_output_stream(path, compression=None) as f:  # the bytes as given, even for `.gz`
+            f.write(data)
+        return
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent and not is_s3(uri):
+    if parent:
         fs.create_dir(parent, recursive=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     with fs.open_output_stream(tmp) as f:

@@ -206,7 +206,8 @@ def crawl_config():
 
 
 def dataset_state(out: str) -> dict:
-    """Every byte the build published, with `_stats.json` minus its timing section."""
+    """Every byte the build published, with `_stats.json` minus its timing section, and the per-key
+    count tables as rows."""
     state = {}
     for uri in storage.list_files(out):
         name = uri.rsplit("/", 1)[1]
@@ -220,6 +221,11 @@ def dataset_state(out: str) -> dict:
             state[name] = storage.read_bytes(uri)
     for uri in storage.list_files(f"{out}/_rows"):
         state["_rows/" + uri.rsplit("/", 1)[1]] = storage.read_bytes(uri)
+    from pipelines.crawl import key_stats
+
+    for name in key_stats.TABLES:  # per-domain and per-query counts (Parquet parts beside _stats.json)
+        if storage.exists(key_stats.folder(out, name)):
+            state[key_stats.FOLDER.format(name)] = key_stats.read_table(out, name).to_pylist()
     return state
 
 

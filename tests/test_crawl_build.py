@@ -14,6 +14,7 @@ from PIL import Image
 from pipelines import shards
 from pipelines.build_wit import BuildWITConfig
 from pipelines.config import load_config
+from pipelines.crawl import key_stats
 from pipelines.crawl.build import build_crawl
 from pipelines.crawl.plan import Layout
 from pipelines.crawl.testsite import build_site
@@ -51,9 +52,20 @@ def test_every_record_is_accounted_for(built):
     stages = on_disk["stages"]
     assert stages["fetch"]["in"] == len(site.rows) and stages["dedupe"]["out"] == totals["kept"]
     assert stages["dedupe"]["dropped"] == {"duplicate": 1}
-    assert on_disk["counters"]["per_domain_attempts"]["127.0.0.1"] == len(site.rows) - 3
-    assert on_disk["counters"]["per_query_kept"]["png"] == 2
     assert on_disk["counters"]["bytes"]["downloaded"] > 0 and on_disk["run"]["samples_per_s"] > 0
+    # Counts per domain and per query are Parquet tables beside _stats.json, which keeps their top rows.
+    domains = {r["domain"]: r for r in key_stats.read_table(out, "domains").to_pylist()}
+    assert domains["127.0.0.1"]["input"] == len(site.rows) - 3
+    assert sum(r["kept"] for r in domains.values()) == totals["kept"]
+    assert all(r["kept"] + r["dropped"] == r["input"] for r in domains.values())
+    assert sum(r["duplicate"] for r in domains.values()) == 1
+    queries = {r["query"]: r for r in key_stats.read_table(out, "queries").to_pylist()}
+    assert queries["png"]["kept"] == 2 and sum(r["input"] for r in queries.values()) == totals["input"]
+    assert on_disk["domains"]["keys"] == len(domains) and on_disk["queries"]["keys"] == len(queries)
+    assert on_disk["domains"]["top_input"][0] == domains["127.0.0.1"]
+    assert on_disk["queries"]["top_kept"][0]["kept"] == max(r["kept"] for r in queries.values())
+    for manifest in shards.committed_shards(out).values():  # stage totals only, nothing per key
+        assert set(manifest["stats"]["funnel"]["counters"]) == {"bytes", "captions"}
 
 
 def test_shards_follow_the_contract(built, crawl_config):

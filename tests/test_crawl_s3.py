@@ -37,7 +37,9 @@ def test_crawl_to_s3_and_resume(ray_local, s3_server, http_server, tmp_path, cra
         f"{urls}/part-0.parquet", f"{urls}/part-1.parquet"
     ]  # fmt: skip
 
-    storage.delete(f"{out}/00001.manifest.json")  # as if the job died before committing shard 1
+    # as if the job died before committing shard 1 (so before the index, the build's last write)
+    storage.delete(f"{out}/00001.manifest.json")
+    storage.delete(f"{out}/_index.parquet")
     again = build_crawl(urls, crawl_config(), out, formats=["webdataset"])
     assert again["run"]["shards_written"] == 1 and again["run"]["shards_skipped"] == 1
     assert again["totals"] == first["totals"]

@@ -67,7 +67,17 @@ def test_worker_count_and_finish_order_do_not_change_the_dataset(one_worker, ord
     hashes = [s["json"]["sha256"] for u in shards.shard_files(out4) for s in shards.read_shard_samples(u)]
     assert len(keys) == len(set(keys)) == len(set(hashes)) == stats1["totals"]["kept"]
     index = pq.read_table(f"{out4}/_index.parquet")
-    assert index.schema.names == ["shard", "num_samples", "tar_bytes", "parquet_bytes"]
+    assert index.schema.names == [
+        "shard",
+        "num_samples",
+        "tar_bytes",
+        "parquet_bytes",
+        "tar_path",
+        "parquet_path",
+    ]
+    assert index.column("tar_path").to_pylist() == [
+        f"{name}.tar" for name in index.column("shard").to_pylist()
+    ]
     assert sum(index.column("num_samples").to_pylist()) == len(keys) and index.num_rows == 10
 
 

@@ -1,7 +1,8 @@
-"""`_stats.json` and `_index.parquet` from the committed shards' manifests, aggregated by tasks.
+"""`_stats.json`'s totals and `_index.parquet` from the committed shards' manifests, aggregated by tasks.
 
-Tasks read the manifests in chunks and return partial sums (a funnel) and index rows; partial funnels are
-merged by a tree of tasks, so the driver holds the listing, one funnel and the index (O(shards) numbers).
+Tasks read the manifests in chunks and return partial sums (a funnel: stage totals and bytes, nothing per
+domain or query: that is key_stats.py) and index rows; partial funnels are merged by a tree of tasks, so
+the driver holds the listing, one funnel and the index (O(shards) numbers).
 A retried task returns the same partial: the counts are data, never side effects.
 """
 
@@ -19,13 +20,17 @@ import ray
 from pipelines import shards, storage
 from pipelines.stats import Funnel
 
-INDEX_FILE = "_index.parquet"
+INDEX_FILE = shards.INDEX_FILE
 INDEX_SCHEMA = pa.schema(
     [
         ("shard", pa.string()),
         ("num_samples", pa.int64()),
         ("tar_bytes", pa.int64()),
         ("parquet_bytes", pa.int64()),
+        # Where the shard's files are, relative to the dataset folder (null: format not written): readers
+        # take the shard list from here instead of listing the folder (pipelines/datasets.py).
+        ("tar_path", pa.string()),
+        ("parquet_path", pa.string()),
     ]
 )
 MANIFESTS_PER_TASK = 256
@@ -46,6 +51,8 @@ def _summarise(uris: Sequence[str]) -> tuple[dict[str, Any], pa.Table, list[str]
         index["num_samples"].append(int(m["count"]))
         index["tar_bytes"].append(sum(v for k, v in files.items() if k.endswith(".tar")))
         index["parquet_bytes"].append(sum(v for k, v in files.items() if k.endswith(".parquet")))
+        index["tar_path"].append(next((k for k in files if k.endswith(".tar")), None))
+        index["parquet_path"].append(next((k for k in files if k.endswith(".parquet")), None))
         if m["stats"].get("transient"):
             transient.append(m["shard"])
     return funnel.to_dict(), pa.table(index, schema=INDEX_SCHEMA), transient
@@ -67,7 +74,8 @@ def _tree_merge(refs: list[Any]) -> dict[str, Any]:
 
 def summarise(out_uri: str) -> tuple[dict[str, Any], pa.Table, list[str]]:
     """(funnel of every committed shard, the index sorted by shard, shards with transient failures)."""
-    uris = storage.list_files(out_uri, shards.MANIFEST_SUFFIX)
+    names = sorted(shards.committed_names(out_uri))  # the index of a finished build, else a listing
+    uris = [storage.join(out_uri, name + shards.MANIFEST_SUFFIX) for name in names]
     chunks = [uris[i : i + MANIFESTS_PER_TASK] for i in range(0, len(uris), MANIFESTS_PER_TASK)]
     refs = [_summarise.options(num_returns=3).remote(chunk) for chunk in chunks]
     funnel = _tree_merge([r[0] for r in refs])  # partial funnels stay in the object store

@@ -10,7 +10,9 @@ every row, image and hash stays in tasks and files:
    into their shards;
 4. dedupe (dedupe.py): exact sha256 duplicates across the dataset, first copy in input order wins,
    affected shards rewritten;
-5. stats (aggregate.py): `_stats.json` and, last, `_index.parquet` (shard -> samples, bytes).
+5. stats (aggregate.py, key_stats.py): `_stats.json` (totals, drop reasons, top-K domains and queries),
+   `_stats_domains/` and `_stats_queries/` (Parquet, from the sidecars) and, last, `_index.parquet`
+   (shard -> samples, bytes).
 The shards are the same bytes whatever the number of workers and the order in which shards finish.
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 import ray
 
 from pipelines import shards, storage
-from pipelines.crawl import aggregate
+from pipelines.crawl import aggregate, key_stats
 from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.dedupe import dedupe_and_compact
 from pipelines.crawl.dispatch import ShardPool, worker_count
@@ -227,7 +229,8 @@ def build_crawl(
 def finish(
     out_uri: str, plan: Plan, cfg: CrawlConfig, counts: RunCounts, elapsed: float, extra: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """`_stats.json` from the manifests (aggregated by tasks), then `_index.parquet`, the last write."""
+    """`_stats.json` from the manifests (aggregated by tasks) and the per-key tables from the sidecars,
+    then `_index.parquet`, the last write."""
     funnel, index, _ = aggregate.summarise(out_uri)
     Funnel.from_dict(funnel).check()
     data: dict[str, Any] = dict(funnel)
@@ -246,6 +249,7 @@ def finish(
         "samples_written": counts.samples_written,
         "samples_per_s": round(counts.samples_written / elapsed, 2) if elapsed > 0 else 0.0,
     }
+    data.update(key_stats.write_key_stats(out_uri, plan.num_input))
     data.update(extra)
     write_stats(storage.join(out_uri, STATS_FILE), data)
     aggregate.write_index(out_uri, index)

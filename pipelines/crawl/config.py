@@ -47,6 +47,13 @@ class CrawlConfig:
     # Re-fetch the URLs that failed for a transient reason (timeouts, 5xx, 429, deferred hosts) into
     # their shards, then update dedupe and counts: the result equals a build without those failures.
     retry_failed: bool = False
+    # Captions longer than this many characters are dropped (`caption_too_long`) or, with
+    # `long_captions: truncate`, cut to it and counted (pipelines/crawl/captions.py).
+    max_caption_chars: int = 1000
+    long_captions: str = "drop"
+    # 0: shard files flat beside the manifests (img2dataset's layout, brace lists work); n > 0: under a
+    # folder of n hex digits of the shard name's hash (16**n S3 prefixes); `_index.parquet` locates them.
+    shard_prefix_chars: int = 0
 
     def __post_init__(self) -> None:
         if self.crawler not in ("ray", "img2dataset"):
@@ -56,6 +63,12 @@ class CrawlConfig:
         for key in ("batch_size", "shards_per_worker", "max_shard_attempts", "decode_threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"crawl.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_caption_chars < 1:
+            raise ValueError(f"crawl.max_caption_chars must be >= 1, got {self.max_caption_chars}")
+        if not 0 <= self.shard_prefix_chars <= 8:
+            raise ValueError(f"crawl.shard_prefix_chars must be 0..8, got {self.shard_prefix_chars}")
+        if self.long_captions not in ("drop", "truncate"):
+            raise ValueError(f"crawl.long_captions must be 'drop' or 'truncate', got {self.long_captions!r}")
         if self.num_workers < 0:
             raise ValueError("crawl.num_workers must be >= 0 (0: use crawl.pool)")
         if self.num_workers:
@@ -72,6 +85,7 @@ class CrawlConfig:
             "crawler": self.crawler,
             "samples_per_shard": self.samples_per_shard,
             "dedupe": self.dedupe,
+            "captions": [self.max_caption_chars, self.long_captions],
             "image": asdict(self.image),
         }
         if self.host_plan.spread:

@@ -60,17 +60,18 @@ def compact_shard(group: pa.Table, out_uri: str, layout: Layout, formats: Sequen
         return pa.table({"shard": [shard], "rewritten": [0]})
     rows = shard_files.read_rows(out_uri, name)
     ext = ".tar" if "webdataset" in formats else ".parquet"
-    samples = [s for s in shards.read_shard_samples(storage.join(out_uri, name + ext))
+    path = next(p for p in manifest["files"] if p.endswith(ext))  # relative: `{subdir}/{name}{ext}`
+    samples = [s for s in shards.read_shard_samples(storage.join(out_uri, path))
                if s["json"]["ordinal"] not in duplicates]  # fmt: skip
-    shard_files.commit(out_uri, name, samples, rows, duplicates, formats)
+    shard_files.commit(out_uri, name, samples, rows, duplicates, formats, path.rpartition("/")[0])
     return pa.table({"shard": [shard], "rewritten": [1]})
 
 
 @ray.remote(max_retries=3)
-def _find_duplicates(rows_dir: str, samples_per_shard: int) -> dict[int, pa.Table]:
+def _find_duplicates(out_uri: str, samples_per_shard: int) -> dict[int, pa.Table]:
     """shard -> its duplicates (shard, ordinal), for the shards that have any (one task, small builds)."""
-    fs, _ = storage.resolve(rows_dir)
-    files = [storage.resolve(uri)[1] for uri in storage.list_files(rows_dir, ".parquet")]  # no .tmp-*
+    fs, _ = storage.resolve(out_uri)
+    files = [storage.resolve(uri)[1] for uri in shard_files.sidecar_uris(out_uri)]
     sidecars = pads.dataset(files, filesystem=fs, format="parquet")
     duplicates = all_later_copies(passed_rows(sidecars.to_table(columns=["ordinal", "status", "sha256"])),
                                   samples_per_shard)  # fmt: skip
@@ -93,12 +94,11 @@ def dedupe_and_compact(
         return 0
     partitions = max(1, min(1024, math.ceil(layout.num_input / rows_per_partition)))
     if partitions == 1:
-        groups = ray.get(_find_duplicates.remote(rows_dir, layout.samples_per_shard))
+        groups = ray.get(_find_duplicates.remote(out_uri, layout.samples_per_shard))
         return sum(ray.get([_compact.remote(g, out_uri, layout, list(formats)) for g in groups.values()]))
-    fs, path = storage.resolve(rows_dir)
-    ds = ray.data.read_parquet(
-        path, filesystem=fs, columns=["ordinal", "status", "sha256"], file_extensions=["parquet"]
-    )
+    fs, _ = storage.resolve(rows_dir)
+    paths = [storage.resolve(uri)[1] for uri in shard_files.sidecar_uris(out_uri)]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["ordinal", "status", "sha256"])
     duplicates = (
         ds.map_batches(passed_rows, batch_format="pyarrow", batch_size=None)
         .groupby("sha256", num_partitions=partitions)

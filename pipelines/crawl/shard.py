@@ -4,9 +4,11 @@ A shard worker turns its crawled plan slice into:
 - `{name}.tar` / `{name}.parquet`: the samples (rows that passed the checks and are not duplicates),
   written atomically (shards.write_shard_files);
 - `_rows/{name}.parquet`: the sidecar, one small row per input row (ordinal, drop reason, sha256, query,
-  domain, bytes; no image): what the global dedupe, the retry pass and the counts are computed from;
-- `{name}.manifest.json` last (the commit): counts only (the funnel, per query, per domain, bytes), the
-  number of duplicates its files leave out and of transient failures a retry pass could fetch.
+  domain, bytes, caption truncated, left out as a duplicate; no image): what the global dedupe, the retry
+  pass and every count are computed from (per domain and per query: key_stats.py);
+- `{name}.manifest.json` last (the commit): stage totals only (the funnel and bytes; never a count per
+  domain or query), the number of duplicates its files leave out and of transient failures a retry pass
+  could fetch.
 
 The funnel of a shard is a function of its sidecar and of the ordinals its files leave out as
 duplicates, so recomputing it (after compaction or a retry) gives what one clean pass gives.
@@ -24,6 +26,7 @@ import pyarrow.parquet as pq
 
 from pipelines import shards, storage
 from pipelines.crawl import crawl as crawl_module
+from pipelines.crawl.captions import CAPTION_REASONS
 from pipelines.crawl.plan import Layout
 from pipelines.stats import Funnel
 
@@ -37,9 +40,12 @@ ROWS_SCHEMA = pa.schema(
         ("domain", pa.string()),
         ("download_bytes", pa.int64()),
         ("jpg_bytes", pa.int64()),
+        ("caption_truncated", pa.bool_()),
     ]
 )
-NOT_METADATA = ("jpg", "status", "shard")  # the key carries the shard; ordinal stays
+# The sidecar as written: the rows plus whether the shard's files leave the row out as a duplicate.
+SIDECAR_SCHEMA = ROWS_SCHEMA.append(pa.field("duplicate", pa.bool_()))
+NOT_METADATA = ("jpg", "status", "shard", "caption_truncated")  # the key carries the shard; ordinal stays
 
 
 def is_transient(reason: str | None) -> bool:
@@ -47,6 +53,8 @@ def is_transient(reason: str | None) -> bool:
 
 
 def drop_stage(reason: str) -> str:
+    if reason in CAPTION_REASONS:
+        return "caption"
     return "image" if reason in crawl_module.IMAGE_REASONS else "fetch"
 
 
@@ -61,6 +69,11 @@ def rows_table(crawled: pa.Table) -> pa.Table:
     """The sidecar of crawled rows: what every count is computed from (no image bytes)."""
     jpg = crawled.column("jpg").to_pylist()
     queries = crawled.column("query").to_pylist() if "query" in crawled.column_names else [None] * len(jpg)
+    truncated = (
+        crawled.column("caption_truncated").to_pylist()
+        if "caption_truncated" in crawled.column_names
+        else [False] * len(jpg)
+    )
     data = {
         "ordinal": crawled.column("ordinal"),
         "status": crawled.column("status"),
@@ -69,6 +82,7 @@ def rows_table(crawled: pa.Table) -> pa.Table:
         "domain": [domain_of(u) for u in crawled.column("url").to_pylist()],
         "download_bytes": [int(b or 0) for b in crawled.column("download_bytes").to_pylist()],
         "jpg_bytes": [len(j) if j is not None else 0 for j in jpg],
+        "caption_truncated": [bool(t) for t in truncated],
     }
     return pa.table(data, schema=ROWS_SCHEMA)
 
@@ -87,34 +101,32 @@ def first_copies(rows: pa.Table, already: Collection[int] = ()) -> set[int]:
 
 
 def shard_funnel(rows: pa.Table, excluded: Collection[int]) -> Funnel:
-    """The funnel of one shard: `rows` = its sidecar, `excluded` = ordinals left out as duplicates."""
+    """The funnel of one shard: `rows` = its sidecar, `excluded` = ordinals left out as duplicates. Stage
+    totals and bytes only: counts per domain and per query are data (key_stats.py), never manifest keys."""
     funnel = Funnel()
-    fetch_drops: dict[str, int] = {}
-    image_drops: dict[str, int] = {}
+    drops: dict[str, dict[str, int]] = {"caption": {}, "fetch": {}, "image": {}}
+    truncated = 0
     for r in rows.to_pylist():
-        reason, domain, query = r["status"], r["domain"], r["query"]
-        funnel.count("per_domain_attempts", domain)
-        funnel.count("per_query_input", query)
+        reason = r["status"]
         funnel.count("bytes", "downloaded", r["download_bytes"])
         if reason:
-            target = image_drops if drop_stage(reason) == "image" else fetch_drops
+            target = drops[drop_stage(reason)]
             target[reason] = target.get(reason, 0) + 1
-            funnel.count("per_domain_failures", f"{domain} {reason}")
-        elif r["ordinal"] in excluded:
-            funnel.count("per_domain_failures", f"{domain} duplicate")
-        else:
-            funnel.count("per_domain_kept", domain)
-            funnel.count("per_query_kept", query)
+        elif r["ordinal"] not in excluded:
             funnel.count("bytes", "jpg_written", r["jpg_bytes"])
+            truncated += bool(r.get("caption_truncated"))
     n = rows.num_rows
-    fetched = n - sum(fetch_drops.values())
-    decoded = fetched - sum(image_drops.values())
+    captioned = n - sum(drops["caption"].values())
+    fetched = captioned - sum(drops["fetch"].values())
+    decoded = fetched - sum(drops["image"].values())
     funnel.record("input", n, n, {})
-    funnel.record("fetch", n, fetched, fetch_drops)
-    funnel.record("image", fetched, decoded, image_drops)
+    funnel.record("caption", n, captioned, drops["caption"])
+    funnel.record("fetch", captioned, fetched, drops["fetch"])
+    funnel.record("image", fetched, decoded, drops["image"])
     funnel.record(
         "dedupe", decoded, decoded - len(excluded), {"duplicate": len(excluded)} if excluded else {}
     )
+    funnel.add_counts("captions", {"truncated": truncated})
     funnel.check()
     return funnel
 
@@ -137,8 +149,20 @@ def rows_uri(out_uri: str, name: str) -> str:
     return storage.join(out_uri, ROWS_DIR, f"{name}.parquet")
 
 
+def sidecar_uris(out_uri: str) -> list[str]:
+    """The sidecars of the committed shards, in shard order (from the index where there is one)."""
+    return [rows_uri(out_uri, name) for name in sorted(shards.committed_names(out_uri))]
+
+
 def read_rows(out_uri: str, name: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(rows_uri(out_uri, name))), schema=ROWS_SCHEMA)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(rows_uri(out_uri, name))))
+    return table.select(ROWS_SCHEMA.names).cast(ROWS_SCHEMA)
+
+
+def sidecar(rows: pa.Table, excluded: Collection[int]) -> pa.Table:
+    """`rows` as written: with `duplicate` (left out of the files as a duplicate) for the counts."""
+    duplicate = pa.array([o in excluded for o in rows.column("ordinal").to_pylist()], pa.bool_())
+    return rows.append_column(SIDECAR_SCHEMA.field("duplicate"), duplicate)
 
 
 def commit(
@@ -148,11 +172,13 @@ def commit(
     rows: pa.Table,
     excluded: Collection[int],
     formats: Sequence[str],
+    subdir: str = "",
 ) -> dict[str, Any]:
-    """Write a shard's files, its sidecar, then its manifest (the commit). Returns the small record."""
-    files = shards.write_shard_files(samples, out_uri, name, formats)
+    """Write a shard's files (under `subdir`: shards.shard_dir), its sidecar, then its manifest (the
+    commit). Returns the small record."""
+    files = shards.write_shard_files(samples, out_uri, name, formats, subdir)
     buf = io.BytesIO()
-    pq.write_table(rows, buf)
+    pq.write_table(sidecar(rows, excluded), buf)
     storage.write_bytes_atomic(rows_uri(out_uri, name), buf.getvalue())
     transient = sum(1 for s in rows.column("status").to_pylist() if is_transient(s))
     stats = {

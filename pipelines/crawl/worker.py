@@ -18,7 +18,9 @@ import pyarrow.compute as pc
 
 from pipelines import faults, shards, storage
 from pipelines.crawl import shard as shard_files
+from pipelines.crawl.captions import normalise_captions
 from pipelines.crawl.config import CrawlConfig
+from pipelines.crawl.crawl import result_columns
 from pipelines.crawl.plan import Layout, read_pieces
 
 
@@ -72,7 +74,15 @@ class StageAdapter:
 
 
 async def crawl_table(crawler: StageAdapter, table: pa.Table, batch_size: int) -> pa.Table:
-    """Crawl `table` in calls of `batch_size` rows that run concurrently; rows stay in order."""
+    """Crawl `table` in calls of `batch_size` rows that run concurrently; rows stay in order. Rows that
+    arrive with a drop reason in `status` (a bad caption, captions.py) are not fetched and keep it."""
+    if "status" in table.column_names and table.column("status").null_count < table.num_rows:
+        bad = pc.is_valid(table.column("status"))
+        dropped = table.filter(bad)
+        dropped = result_columns([{"status": s} for s in dropped.column("status").to_pylist()], dropped)
+        todo = table.filter(pc.invert(bad))
+        crawled = await crawl_table(crawler, todo, batch_size) if todo.num_rows else result_columns([], todo)
+        return pa.concat_tables([crawled, dropped]).sort_by("ordinal")
     if table.num_rows <= batch_size:
         return await crawler.crawl(table)
     parts = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
@@ -103,13 +113,14 @@ class ShardWorker:
         return await asyncio.to_thread(self._commit, name, crawled)
 
     def _read(self, shard: int, pieces: list[tuple[str, int, int]]) -> pa.Table:
-        return read_pieces(pieces, shard * self.layout.samples_per_shard, self.layout.samples_per_shard)
+        table = read_pieces(pieces, shard * self.layout.samples_per_shard, self.layout.samples_per_shard)
+        return normalise_captions(table, self.cfg.max_caption_chars, self.cfg.long_captions)
 
     def _commit(self, name: str, crawled: pa.Table) -> dict[str, Any]:
         rows = shard_files.rows_table(crawled)
         excluded = shard_files.first_copies(rows) if self.cfg.dedupe else set()
         samples = shard_files.samples_of(crawled, self.layout, excluded)
-        return shard_files.commit(self.out_uri, name, samples, rows, excluded, self.formats)
+        return shard_files.commit(self.out_uri, name, samples, rows, excluded, self.formats, self._dir(name))
 
     async def retry_shard(self, shard: int, pieces: list[tuple[str, int, int]]) -> dict[str, Any]:
         await self.ready()
@@ -139,11 +150,17 @@ class ShardWorker:
         fresh = shard_files.samples_of(crawled, self.layout, excluded)
         samples = sorted([s for s in kept if s["json"]["ordinal"] not in excluded] + fresh,
                          key=lambda s: s["json"]["ordinal"])  # fmt: skip
-        return shard_files.commit(self.out_uri, name, samples, merged, excluded, self.formats)
+        return shard_files.commit(
+            self.out_uri, name, samples, merged, excluded, self.formats, self._dir(name)
+        )
+
+    def _dir(self, name: str) -> str:
+        return shards.shard_dir(name, self.cfg.shard_prefix_chars)
 
     def _file(self, name: str) -> str:
         ext = ".tar" if "webdataset" in self.formats else ".parquet"
-        return storage.join(self.out_uri, name + ext)
+        subdir = self._dir(name)
+        return storage.join(self.out_uri, f"{subdir}/{name}{ext}" if subdir else name + ext)
 
     async def close(self) -> None:
         if self.crawler is not None:
