@@ -11,8 +11,9 @@ Printed: per-actor decisions per second (time inside the actor's decisions) and 
 peak RSS per host, driver RSS at 10^4 / 10^5 / 10^6 hosts, robots.txt fetches (must equal the hosts), and
 one JSON line with `hosts`, `robots_fetches`, `decisions_per_s`, `driver_rss_mb`.
 
-Statistics rows (per-domain / per-query counts as Parquet aggregations, developer 19b's part) are added
-here at merge: see `statistics_rows` (nothing is printed for them until then).
+Then the statistics: the build's real statistics step (per-domain / per-query counts aggregated from the
+shard sidecars into Parquet, `benchmarks/host_stats_scale.py`'s `measure_stats`) over a synthetic crawl of
+the same number of hosts: its driver RSS, time and `_stats.json` size (`--no-stats` skips it).
 
     python benchmarks/bench_host_state.py [--hosts 1000000] [--actors 2] [--batch 5000]
 """
@@ -90,10 +91,12 @@ class Driver:
             self.flush(shard)
 
 
-def statistics_rows(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """Placeholder for the per-domain / per-query statistics (developer 19b's Parquet aggregations): the
-    coordinator adds their rows at merge. Returns no rows until then (no figures are made up)."""
-    return []
+def statistics(hosts: int) -> dict:
+    """The statistics step over a synthetic crawl of `hosts` hosts (host_stats_scale.measure_stats)."""
+    from host_stats_scale import measure_stats
+
+    with tempfile.TemporaryDirectory(prefix="bench_host_state-stats-") as out:
+        return measure_stats(hosts, out)
 
 
 def main() -> None:
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--sample", type=int, default=10_000, help="hosts asked again after the restart")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--no-stats", action="store_true", help="skip the statistics step")
     args = parser.parse_args()
     _ray_setup.start_ray(args.cpus)
     with tempfile.TemporaryDirectory(prefix="bench_host_state-") as tmp:
@@ -143,11 +147,14 @@ def main() -> None:
             again += sum(g.action == "robots" for g in grants)
         reload_s = time.perf_counter() - load_started
         stored = ray.get([a.stats.remote() for a in fresh])
+        for actor in fresh:
+            ray.kill(actor)
+    stats = {} if args.no_stats else statistics(args.hosts)
     ray.shutdown()
-    report(args, driver, before, after, stored, rss, wall, files, again, len(sample), reload_s)
+    report(args, driver, before, after, stored, rss, wall, files, again, len(sample), reload_s, stats)
 
 
-def report(args, driver, before, after, stored, rss, wall, files, again, sampled, reload_s) -> None:
+def report(args, driver, before, after, stored, rss, wall, files, again, sampled, reload_s, stats) -> None:
     load = os.getloadavg()
     print(f"{args.hosts:,} hosts, {args.actors} budget actors, batches of {args.batch}; {args.cpus} CPUs; "
           f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")  # fmt: skip
@@ -170,13 +177,17 @@ def report(args, driver, before, after, stored, rss, wall, files, again, sampled
         f"(store read back in {reload_s:.1f} s; {sum(s['robots'] for s in stored):,} answers loaded)"
     )
     print("driver RSS MB: " + ", ".join(f"{n:,} hosts {mb:.0f}" for n, mb in sorted(rss.items())))
-    for label, value in statistics_rows(args):
-        print(f"{label}: {value}")
+    if stats:
+        print(f"statistics step over {stats['hosts']:,} hosts ({stats['rows']:,} rows, {stats['shards']:,} shards, "
+              f"{stats['path']}): driver RSS {stats['driver_rss_before_mb']:.0f} -> peak {stats['driver_rss_mb']:.0f} MB, "
+              f"{stats['seconds']:.1f} s, {stats['domains']:,} domains and {stats['queries']:,} queries as Parquet, "
+              f"_stats.json {stats['stats_json_bytes']:,} bytes")  # fmt: skip
     print(json.dumps({
         "hosts": args.hosts,
         "robots_fetches": driver.robots_fetches + again,
         "decisions_per_s": round(min(per_actor), 0) if per_actor else 0,
         "driver_rss_mb": [round(mb, 1) for _, mb in sorted(rss.items())],
+        **({"stats_driver_rss_mb": stats["driver_rss_mb"]} if stats else {}),
     }))  # fmt: skip
 
 
