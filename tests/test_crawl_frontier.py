@@ -71,8 +71,9 @@ def test_a_host_over_the_horizon_crawls_in_its_own_lane(ray_local, tmp_path):
     hot = sorted(times[0])
     others = sorted(t for ts in times[1:] for t in ts)
     hot_rate = (len(hot) - 1) / (hot[-1] - hot[0])
-    # The slow lane runs at the host's rate: never above it, and (a loaded machine is late) not far below.
-    assert 0.7 * 4.0 <= hot_rate <= 4.0, hot_rate
+    # The slow lane runs at the host's rate: never above it, and not far below (a loaded shared machine is
+    # late: 2.4/s seen at a load average of 60 on 2 cores).
+    assert 0.5 * 4.0 <= hot_rate <= 4.0, hot_rate
     assert max(sum(1 for u in hot if t <= u < t + 1.0) for t in hot) <= 4
     assert others[-1] < hot[-1] - 1.0, (others[-1] - hot[0], hot[-1] - hot[0])  # the rest finished first
     assert others[-1] - others[0] < 2.5  # ... at full speed: 4 URLs per host at 4/s, hosts in parallel
@@ -177,7 +178,8 @@ def test_robots_txt_once_for_a_resumed_crawl_and_its_retry_pass(ray_local, tmp_p
         for i in range(rules.shards):  # no budget actor of the first run lives on (if any did)
             with contextlib.suppress(ValueError):
                 ray.kill(ray.get_actor(f"host-budget-{rules.scope}-{rules.digest()}-{i}"))
-        storage.delete(f"{out}/00001.manifest.json")  # as if killed before shard 1 committed
+        for name in ("00001.manifest.json", "_index.parquet", "_stats.json"):  # as if killed before shard 1
+            storage.delete(f"{out}/{name}")  # committed (the index and stats are the build's last writes)
         cfg.retry_failed = True
         again = build_crawl(source, cfg, out)
     finally:
