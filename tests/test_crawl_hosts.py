@@ -149,7 +149,9 @@ def test_concurrent_crawl_calls_share_one_in_flight_limit(server):
     assert stage.fetcher.session is None
 
 
-def test_budget_backs_off_a_site_alone():
+def test_budget_answers_at_once_and_backs_off_a_site_alone():
+    """No call waits in the budget: a closed site answers "wait" (not before t), "go" carries its start."""
+
     async def main():
         budget = HostBudget(
             HostRules(concurrency=2, rate=0, robots=False, backoff_base_s=0.2, max_retry_after_s=5)
@@ -158,18 +160,32 @@ def test_budget_backs_off_a_site_alone():
         await budget.release("http://a:80", a.lease, 503, None)  # no Retry-After: exponential backoff
         again = await budget.acquire("http://a:80", "http://a:80/y")
         other = await budget.acquire("http://b:80", "http://b:80/z")
-        assert again.action == "go" and 0.15 <= again.delay_s <= 0.2 and other.delay_s == 0
-        await budget.release("http://a:80", again.lease, 429, 60.0)  # longer than we wait: deferred
+        assert again.action == "wait" and 0.0 < again.delay_s <= 0.2 and other.action == "go"
+        await asyncio.sleep(again.delay_s)
+        later = await budget.acquire("http://a:80", "http://a:80/y")
+        assert later.action == "go" and later.start_at <= time.time() + 0.11
+        await budget.release("http://a:80", later.lease, 429, 60.0)  # longer than we wait: deferred
         deferred = await budget.acquire("http://a:80", "http://a:80/w")
         assert (deferred.action, deferred.reason) == ("drop", HOST_DEFERRED)
-        # concurrency: two leases held, a third waits until one is released
+        # concurrency: two leases held, a third is told to wait, and goes once one is released
         c1 = await budget.acquire("http://c:80", "u")
         await budget.acquire("http://c:80", "u")
-        third = asyncio.ensure_future(budget.acquire("http://c:80", "u"))
-        await asyncio.sleep(0.05)
-        assert not third.done()
+        third = await budget.acquire("http://c:80", "u")
+        assert third.action == "wait" and third.delay_s > 0
         await budget.release("http://c:80", c1.lease, 200)
-        assert (await asyncio.wait_for(third, 1)).action == "go"
+        assert (await budget.acquire("http://c:80", "u")).action == "go"
+
+    asyncio.run(main())
+
+
+def test_rate_spacing_is_a_start_time_not_a_wait():
+    async def main():
+        budget = HostBudget(HostRules(concurrency=10, rate=5, robots=False))
+        first = await budget.acquire("http://a:80", "u")
+        second = await budget.acquire("http://a:80", "u")
+        assert first.action == "go" and second.action == "wait"
+        assert 0.05 < second.delay_s < 0.2  # asked again shortly before the next start (0.2 s + margin)
+        assert first.next_s >= 0.2
 
     asyncio.run(main())
 
@@ -178,9 +194,9 @@ def test_expired_leases_are_reclaimed():
     async def main():
         budget = HostBudget(HostRules(concurrency=1, rate=0, robots=False, lease_s=0.2, max_wait_s=2))
         await budget.acquire("http://a:80", "u")  # a worker that dies without releasing
-        started = time.monotonic()
-        grant = await budget.acquire("http://a:80", "u")
-        assert grant.action == "go" and 0.15 <= time.monotonic() - started < 1.5
+        assert (await budget.acquire("http://a:80", "u")).action == "wait"
+        await asyncio.sleep(0.25)
+        assert (await budget.acquire("http://a:80", "u")).action == "go"
 
     asyncio.run(main())
 

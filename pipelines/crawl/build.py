@@ -31,7 +31,8 @@ from pipelines.crawl import aggregate, key_stats
 from pipelines.crawl.config import CrawlConfig
 from pipelines.crawl.dedupe import dedupe_and_compact
 from pipelines.crawl.dispatch import ShardPool, worker_count
-from pipelines.crawl.hosts import hold_budget_actors
+from pipelines.crawl.hostplan import host_ordered
+from pipelines.crawl.hosts import flush_budgets, hold_budget_actors
 from pipelines.crawl.plan import Plan, direct_plan, parquet_inputs, parquet_schema, reusable_plan, write_plan
 from pipelines.fingerprint import fingerprint, input_listing
 from pipelines.progress import StageLog
@@ -125,7 +126,15 @@ def ensure_plan(source: Source, cfg: CrawlConfig, out_uri: str, fp_settings: Cal
     if isinstance(source, str):
         return plan_url_table(source, cfg, out_uri, fp)
     ds = source if isinstance(source, ray.data.Dataset) else source()
-    return write_plan(ds, out_uri, cfg.samples_per_shard, fp)
+    return write_plan(crawl_order(ds, cfg), out_uri, cfg.samples_per_shard, fp)
+
+
+def crawl_order(ds: ray.data.Dataset | None, cfg: CrawlConfig) -> ray.data.Dataset | None:
+    """The rows in the crawl order by host (hostplan.py), or as they are when `host_plan.spread` is off."""
+    if ds is None or not cfg.host_plan.spread:
+        return ds
+    workers = worker_count(cfg, 1 << 40)  # the pool's size: what sets the crawl's expected pace
+    return host_ordered(ds, cfg.host_plan, cfg.fetch.per_host_rate, workers)
 
 
 def plan_url_table(uri: str, cfg: CrawlConfig, out_uri: str, fp: Mapping[str, Any]) -> Plan:
@@ -135,10 +144,10 @@ def plan_url_table(uri: str, cfg: CrawlConfig, out_uri: str, fp: Mapping[str, An
     files = parquet_inputs(uri)
     if files is not None:
         require_columns(uri, parquet_schema(files[0]).names)
-        plan = direct_plan(files, out_uri, cfg.samples_per_shard, fp)
+        plan = None if cfg.host_plan.spread else direct_plan(files, out_uri, cfg.samples_per_shard, fp)
         if plan is not None:
             return plan
-    return write_plan(read_url_table(uri), out_uri, cfg.samples_per_shard, fp)
+    return write_plan(crawl_order(read_url_table(uri), cfg), out_uri, cfg.samples_per_shard, fp)
 
 
 def crawl_shards(
@@ -154,10 +163,10 @@ def crawl_shards(
         retry = [int(n) for n in aggregate.summarise(out_uri)[2]]  # committed earlier, failures to retry
     if not pending and not retry:
         return
+    workers = worker_count(cfg, max(len(pending), len(retry)))
+    cfg = cfg.with_host_budget(out_uri, workers)
     budgets = hold_budget_actors(cfg.fetch.host_rules()) if cfg.fetch.budget != "local" else []
-    pool = ShardPool(
-        cfg, (cfg, out_uri, list(formats), layout), worker_count(cfg, max(len(pending), len(retry)))
-    )
+    pool = ShardPool(cfg, (cfg, out_uri, list(formats), layout), workers)
     try:
         stage = StageLog("crawl")
         for record in pool.run("crawl_shard", pending, lambda g: (plan.pieces(g),)):
@@ -176,6 +185,7 @@ def crawl_shards(
             stage.done(f"{counts.shards_retried:,} shards retried")
     finally:
         pool.close()
+        flush_budgets(budgets)
         del budgets  # the crawl is over: the actors may go
 
 

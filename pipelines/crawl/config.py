@@ -3,10 +3,11 @@ shard workers, shards in flight per worker, retry pass)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipelines.crawl.fetch import FetchConfig
+from pipelines.crawl.hostplan import HostPlanConfig
 from pipelines.crawl.images import ImageConfig
 from pipelines.pools import Pool
 
@@ -27,6 +28,8 @@ class CrawlConfig:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     img2dataset: Img2DatasetConfig = field(default_factory=Img2DatasetConfig)
+    # The crawl order by host: spread, slow lane or cap (pipelines/crawl/hostplan.py).
+    host_plan: HostPlanConfig = field(default_factory=HostPlanConfig)
     samples_per_shard: int = 1000  # input rows per shard; a shard holds those that survive
     dedupe: bool = True  # drop exact duplicates (sha256 of the downloaded bytes) across the dataset
     batch_size: int = 256  # URLs per crawl call inside a shard (calls of one shard run concurrently)
@@ -76,11 +79,29 @@ class CrawlConfig:
         return {"CPU": self.num_cpus_per_worker, **self.worker_resources}
 
     def content_settings(self) -> dict[str, Any]:
-        """The settings that shape the shards' content (the plan's fingerprint): not pool sizes or rates."""
-        return {
+        """The settings that shape the shards' content (the plan's fingerprint): not pool sizes; the
+        per-host rate only where it shapes the crawl order."""
+        settings = {
             "crawler": self.crawler,
             "samples_per_shard": self.samples_per_shard,
             "dedupe": self.dedupe,
             "captions": [self.max_caption_chars, self.long_captions],
             "image": asdict(self.image),
         }
+        if self.host_plan.spread:
+            settings["host_plan"] = {**asdict(self.host_plan), "per_host_rate": self.fetch.per_host_rate}
+        return settings
+
+    def with_host_budget(self, out_uri: str, workers: int) -> CrawlConfig:
+        """This config with the host budget sized for `workers` shard workers (when not set), its robots.txt
+        store under the output, and its actors on the crawl nodes (the workers' custom resources)."""
+        from pipelines.crawl.hosts import budget_shards_for
+        from pipelines.storage import join
+
+        fetch = replace(
+            self.fetch,
+            budget_shards=self.fetch.budget_shards or budget_shards_for(workers),
+            host_store=self.fetch.host_store or join(out_uri, "_hosts"),
+            budget_resources=self.fetch.budget_resources or dict(self.worker_resources),
+        )
+        return replace(self, fetch=fetch)

@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines.crawl.fetch import FetchConfig, Fetcher, FetchResult
+from pipelines.crawl.hostplan import PLAN_DROP
 from pipelines.crawl.hosts import HOST_DEFERRED
 from pipelines.crawl.images import IMAGE_REASONS, ImageConfig, ImageDrop, ProcessedImage, process_image
 from pipelines.crawl.robots import ROBOTS_UNAVAILABLE
@@ -111,11 +112,17 @@ class CrawlStage:
         """The crawled rows, in input order, on the running loop (concurrent calls share the limits)."""
         table = as_table(batch)
         urls = table.column("url").to_pylist() if table.num_rows else []
-        rows = await asyncio.gather(*(self._one(u) for u in urls))
+        planned = [None] * len(urls)
+        if PLAN_DROP in table.column_names:  # rows the plan dropped (a capped host): counted, not fetched
+            planned = table.column(PLAN_DROP).to_pylist()
+            table = table.drop_columns([PLAN_DROP])
+        rows = await asyncio.gather(*(self._one(u, d) for u, d in zip(urls, planned)))
         await self.fetcher.budget.drain()  # hand back this batch's leases now, not with the next batch
         return result_columns(rows, table)
 
-    async def _one(self, url: Any) -> dict[str, Any]:
+    async def _one(self, url: Any, planned_drop: str | None = None) -> dict[str, Any]:
+        if planned_drop:
+            return {"status": planned_drop, "attempts": 0, "download_bytes": 0}
         if not url or not isinstance(url, str):
             return {"status": "invalid_url", "attempts": 0, "download_bytes": 0}
         fetched = await self.fetcher.fetch(url)

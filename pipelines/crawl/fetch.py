@@ -8,9 +8,12 @@ check, `X-Robots-Tag` opt-outs (noai, noimageai, noindex, noimageindex), and an 
 refuses private, loopback, link-local, reserved and cloud-metadata addresses unless a network is
 explicitly allowed.
 
-Every request (every redirect hop too) first asks the site's host budget (hosts.py) for a slot:
-per-host concurrency and rate hold for the whole crawl, robots.txt is fetched once per site for the
-whole crawl and obeyed, and a site answering 429/503 backs off alone.
+Every request (every redirect hop and retry too) waits in the worker's host-aware frontier (frontier.py)
+for its site's budget (hosts.py) without holding an in-flight slot: per-host concurrency and rate hold
+for the whole crawl, robots.txt is fetched once per site for the whole crawl and obeyed, and a site
+answering 429/503 backs off alone. The per-host concurrency cap holds for TCP connections too: a
+connection is closed when its request ends, before its lease goes back (no idle keep-alive connection
+outlives its lease), so no host ever has more connections open to it than leases.
 
 DNS: aiohttp's per-process cache (`dns_cache_ttl_s`) in front of the system resolver. At scale the
 crawl nodes also run a caching resolver that the cluster setup installs (cluster/, the cluster
@@ -39,13 +42,24 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from pipelines.crawl.hosts import BACKOFF_STATUS, HOST_DEFERRED, BudgetClient, Grant, HostRules
+from pipelines.crawl.frontier import Dropped, Frontier
+from pipelines.crawl.hosts import (
+    BACKOFF_STATUS,
+    HOST_DEFERRED,
+    BudgetClient,
+    Grant,
+    HostRules,
+    budget_shards_for,
+)
 from pipelines.crawl.robots import MAX_ROBOTS_BYTES, robots_url, site_of
 
 log = logging.getLogger(__name__)
 
 # What a host may look like once parsed (IDNA-encoded names, IPv4, IPv6 without brackets).
 HOST_CHARS = re.compile(r"[A-Za-z0-9._:%-]+")
+# A request whose start came this many times too late (see `_slot`) goes at its next start however late:
+# its release then tells the budget when it really started, so the starts after it keep their spacing.
+MAX_LATE_STARTS = 3
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 # Cloud metadata endpoints; most are already link-local or private, listed so that no
@@ -56,7 +70,7 @@ METADATA_ADDRESSES = frozenset(
 
 
 # The smallest value each count of FetchConfig may take.
-_LEAST = {"max_in_flight": 1, "per_host_concurrency": 1, "budget_shards": 1, "max_redirects": 0, "max_retries": 0,
+_LEAST = {"max_in_flight": 1, "per_host_concurrency": 1, "budget_shards": 0, "max_redirects": 0, "max_retries": 0,
           "timeout_retries": 0}  # fmt: skip
 
 
@@ -103,8 +117,13 @@ class FetchConfig:
     budget: str = "auto"
     # Names the budget actors: crawls with the same scope (and the same limits) share budgets.
     budget_scope: str = "crawl"
-    budget_shards: int = 4  # budget actors (sites are spread over them by hash)
-    budget_max_hosts: int = 100_000  # sites remembered per budget actor (LRU)
+    # Budget actors (sites are spread over them by hash); 0: derived from the crawl's shard workers.
+    budget_shards: int = 0
+    budget_max_hosts: int = 100_000  # sites whose rate state each budget actor remembers (LRU)
+    # Where robots.txt answers are kept for the whole crawl (the build sets `{output}/_hosts`); empty: memory.
+    host_store: str = ""
+    # Custom resources of the crawl nodes (the build copies `crawl.worker_resources`): budget actors go there.
+    budget_resources: dict[str, float] = field(default_factory=dict)
     # SSRF guard: networks (CIDR) that may be fetched even though they are not public, e.g.
     # ["127.0.0.0/8"] for tests against a loopback server. Metadata addresses are never allowed.
     allowed_networks: list[str] = field(default_factory=list)
@@ -135,8 +154,10 @@ class FetchConfig:
             robots_ttl_s=self.robots_ttl_s,
             robots_retry_s=self.robots_retry_s,
             max_hosts=self.budget_max_hosts,
-            shards=self.budget_shards,
+            shards=self.budget_shards or budget_shards_for(1),
             scope=self.budget_scope,
+            store=self.host_store,
+            resources=tuple(sorted(self.budget_resources.items())),
         )
 
 
@@ -260,7 +281,7 @@ class Fetcher:
         self.random = random.Random(seed)
         self.session: aiohttp.ClientSession | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop the session lives on
-        self.in_flight: asyncio.Semaphore | None = None
+        self.frontier: Frontier | None = None
 
     async def fetch_many(self, urls: Sequence[str]) -> list[FetchResult]:
         return list(await asyncio.gather(*(self.fetch(u) for u in urls)))
@@ -272,17 +293,15 @@ class Fetcher:
             await session.close()
 
     async def fetch(self, url: str) -> FetchResult:
-        """Fetches one URL with retries, within the worker's in-flight limit; never raises."""
+        """Fetches one URL with retries, each request within the worker's in-flight limit; never raises."""
         self._ensure_session()
-        assert self.in_flight is not None
         result = FetchResult(url=url)
         start = time.monotonic()
-        async with self.in_flight:
-            try:
-                await self._attempts(url, result)
-            except Exception:  # a bug or an input nobody foresaw: a counted drop, never a failed batch
-                log.warning("fetch of %r failed unexpectedly", url, exc_info=True)
-                result.error, result.body = "fetch_error", None
+        try:
+            await self._attempts(url, result)
+        except Exception:  # a bug or an input nobody foresaw: a counted drop, never a failed batch
+            log.warning("fetch of %r failed unexpectedly", url, exc_info=True)
+            result.error, result.body = "fetch_error", None
         result.elapsed_s = time.monotonic() - start
         return result
 
@@ -317,6 +336,7 @@ class Fetcher:
             ttl_dns_cache=cfg.dns_cache_ttl_s,
             limit=cfg.max_in_flight,
             limit_per_host=cfg.per_host_concurrency,
+            force_close=True,  # a connection lives only as long as its request and lease (module doc)
         )
         timeout = aiohttp.ClientTimeout(
             total=cfg.total_timeout_s, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
@@ -328,7 +348,7 @@ class Fetcher:
             auto_decompress=True,
         )
         self.loop = asyncio.get_running_loop()
-        self.in_flight = asyncio.Semaphore(cfg.max_in_flight)
+        self.frontier = Frontier(self.budget, cfg.max_in_flight, self._fetch_robots)
 
     async def _follow(self, url: str) -> Fetched:
         """One attempt: follows redirects by hand, checking every hop."""
@@ -353,21 +373,27 @@ class Fetcher:
             raise FetchError("blocked_address")
 
     async def _slot(self, site: str, url: str) -> Grant:
-        """Waits for the site's budget to let a request start; fetches robots.txt when asked to."""
-        for _ in range(3):
-            grant = await self.budget.acquire(site, url)
-            if grant.action == "drop":
-                raise FetchError(grant.reason or HOST_DEFERRED)
-            if grant.delay_s > 0:
-                await asyncio.sleep(grant.delay_s)
-            if grant.action == "go":
+        """Waits in the frontier for the site's budget to let a request start, then until its start time."""
+        assert self.frontier is not None
+        for attempt in range(MAX_LATE_STARTS + 1):
+            try:
+                grant = await self.frontier.slot(site, url)
+            except Dropped as e:
+                raise FetchError(e.reason) from None
+            await sleep_until(grant.start_at)
+            if time.time() - grant.start_at <= grant.slack_s or attempt == MAX_LATE_STARTS:
                 return grant
-            await self._fetch_robots(site, grant.lease)
-        raise FetchError(HOST_DEFERRED)
+            # Too late (a busy event loop): starting now would come too close to the next start, so this
+            # start is given back unused and the request queues again.
+            await self.frontier.done(site, grant)
+        raise AssertionError("unreachable")
 
-    async def _fetch_robots(self, site: str, lease: int) -> None:
-        status, body, error = None, None, None
+    async def _fetch_robots(self, site: str, grant: Grant) -> None:
+        """The frontier's robots.txt fetch for `site` under `grant`; the answer goes to the budget."""
+        status, body, error, started = None, None, None, None
         try:
+            await sleep_until(grant.start_at)
+            started = time.time()
             status, body = await self._get_robots(URL(robots_url(site)))
         except FetchError as e:
             status, error = e.status, e.reason
@@ -375,7 +401,7 @@ class Fetcher:
             log.warning("robots.txt of %s failed unexpectedly", site, exc_info=True)
             error = "fetch_error"
         finally:
-            await self.budget.put_robots(site, lease, status, body, error)
+            await self.budget.put_robots(site, grant.lease, status, body, error, started)
 
     async def _get_robots(self, url: URL) -> tuple[int, bytes]:
         """(status, first MAX_ROBOTS_BYTES of the body), following up to 5 redirects (RFC 9309)."""
@@ -407,6 +433,7 @@ class Fetcher:
         grant = await self._slot(site, str(url))
         status, retry_after = None, None
         assert self.session is not None
+        started = time.time()
         try:
             async with self.session.get(url, allow_redirects=False) as resp:
                 status = resp.status
@@ -429,7 +456,8 @@ class Fetcher:
         except (aiohttp.ClientError, OSError) as e:
             raise FetchError("connection_error", retryable=True, status=status) from e
         finally:
-            await self.budget.release(site, grant.lease, status, retry_after)
+            assert self.frontier is not None
+            await self.frontier.done(site, grant, status, retry_after, started)
 
     async def _response(self, resp: aiohttp.ClientResponse, retry_after: float | None) -> Redirect | Fetched:
         cfg = self.config
@@ -474,6 +502,12 @@ class Fetcher:
         if resp.content_length is not None and size < resp.content_length:
             raise FetchError("truncated", retryable=True, status=resp.status)
         return b"".join(chunks)
+
+
+async def sleep_until(wall_time: float) -> None:
+    delay = wall_time - time.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 def parse_url(url: str) -> URL:
