@@ -8,6 +8,8 @@ Writes results.json, results.txt, PNG plots and report.html to `output_dir` and 
 (checkpoint, tokenizer, data, output_dir) may be a local path or an s3:// URI; on a cluster use s3:// (the
 embedding actors run on other nodes and read the checkpoint and the images themselves).
 Large sets are embedded with Ray Data (joins a running cluster, else starts a local one); small sets in-process.
+Shard sets take the rows a filter selected: `zero_shot.selection=`, `retrieval.selection=`,
+`linear_probe.{train,test,val}_selection=` (pipelines/selection.py).
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class Evaluator:
     def zero_shot(self) -> dict:
         zs = self.cfg.zero_shot
         names = load_class_names(local_copy(zs.class_names)) if zs.class_names else None
-        eval_set = open_eval_set(zs.data, "classification", zs.label_field, names)
+        eval_set = open_eval_set(zs.data, "classification", zs.label_field, names, selection_uri=zs.selection)
         templates = get_templates(local_copy(zs.templates))
         weights = build_zero_shot_classifier(
             self.model, self.tokenizer, eval_set.class_names, templates, device=self.device
@@ -107,11 +109,17 @@ class Evaluator:
         lp = self.cfg.linear_probe
         if not lp.test:
             raise EvalDataError("linear_probe.train is set but linear_probe.test is not")
-        train_set = open_eval_set(lp.train, "classification", lp.label_field)
+        train_set = open_eval_set(
+            lp.train, "classification", lp.label_field, selection_uri=lp.train_selection
+        )
         sets = {"linear_probe_train": train_set, "linear_probe_test": None, "linear_probe_val": None}
-        for key, path in (("linear_probe_test", lp.test), ("linear_probe_val", lp.val)):
+        for key, path, chosen in (
+            ("linear_probe_test", lp.test, lp.test_selection),
+            ("linear_probe_val", lp.val, lp.val_selection),
+        ):
             if path:
-                s = open_eval_set(path, "classification", lp.label_field, list(train_set.class_names))
+                s = open_eval_set(path, "classification", lp.label_field, list(train_set.class_names),
+                                  selection_uri=chosen)  # fmt: skip
                 if s.kind == "folder" and s.class_names != train_set.class_names:
                     raise EvalDataError(
                         f"{path}: classes {s.class_names} differ from the training set's {train_set.class_names}"
@@ -143,7 +151,9 @@ class Evaluator:
 
     def retrieval(self) -> dict:
         rt = self.cfg.retrieval
-        eval_set = open_eval_set(rt.data, "retrieval", captions_field=rt.captions_field)
+        eval_set = open_eval_set(
+            rt.data, "retrieval", captions_field=rt.captions_field, selection_uri=rt.selection
+        )
         embedded = self.embed("retrieval", eval_set)
         return retrieval_metrics(
             embedded.image_features, embedded.text_features, embedded.text_image_index, ks=tuple(rt.ks)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -187,9 +187,10 @@ def _text(value) -> str | None:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _read_tar(data: bytes) -> dict[str, list]:
+def _read_tar(data: bytes, only: Set[str] | None = None) -> dict[str, list]:
     """key, jpg, txt columns of a WebDataset tar, one row per key (members grouped in file order). A key
-    without a `.jpg` (or other image) member or without `.txt` keeps None there (a bad row, counted)."""
+    without a `.jpg` (or other image) member or without `.txt` keeps None there (a bad row, counted).
+    With `only`, only those keys' members are extracted."""
     import tarfile
 
     rows: dict[str, list] = {"key": [], "jpg": [], "txt": []}
@@ -199,6 +200,8 @@ def _read_tar(data: bytes) -> dict[str, list]:
             if not member.isfile():
                 continue
             key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+            if only is not None and key not in only:
+                continue
             if key != current:
                 current = key
                 rows["key"].append(key)
@@ -212,7 +215,7 @@ def _read_tar(data: bytes) -> dict[str, list]:
     return rows
 
 
-def _read_parquet(data: bytes, uri: str) -> dict[str, list]:
+def _read_parquet(data: bytes, uri: str, only: Set[str] | None = None) -> dict[str, list]:
     names = pq.read_schema(io.BytesIO(data)).names
     if "jpg" not in names:
         raise DatasetError(
@@ -227,6 +230,9 @@ def _read_parquet(data: bytes, uri: str) -> dict[str, list]:
         if "key" in columns
         else [f"{shard_name(uri)}_{i:06d}" for i in range(n)]
     )
+    if only is not None:  # only the wanted rows' bytes become Python objects
+        take = [i for i, k in enumerate(keys) if str(k) in only]
+        table, keys, n = table.take(take), [keys[i] for i in take], len(take)
     text = "txt" if "txt" in columns else "caption" if "caption" in columns else None
     texts = table.column(text).to_pylist() if text else [None] * n
     return {
@@ -236,13 +242,13 @@ def _read_parquet(data: bytes, uri: str) -> dict[str, list]:
     }
 
 
-def read_rows(uri: str) -> dict[str, list]:
-    """All rows of one shard as columns key (str), jpg (bytes | None), txt (str | None), in file order.
-    Nothing is decoded: the bytes stay compressed."""
+def read_rows(uri: str, only: Set[str] | None = None) -> dict[str, list]:
+    """All rows of one shard (or only those whose key is in `only`) as columns key (str), jpg (bytes |
+    None), txt (str | None), in file order. Nothing is decoded: the bytes stay compressed."""
     data = storage.read_bytes(uri)
     if uri.endswith(".parquet"):
-        return _read_parquet(data, uri)
-    return _read_tar(data)
+        return _read_parquet(data, uri, only)
+    return _read_tar(data, only)
 
 
 def read_samples(uri: str) -> list[dict]:

@@ -20,6 +20,9 @@ class TrainConfig:
     # brace list `s3://bucket/{00000..01023}.tar`, several joined by `::`; local or s3://.
     data_uri: str = ""
     data_format: Literal["webdataset", "parquet"] = "webdataset"
+    # A selection of data_uri's rows (pipelines/selection.py: the filter job's `selection/` folder, or the
+    # folder holding it): only those rows are counted, read and trained on. "" = every row.
+    selection: str = ""
     # Read order (pipelines/train/position.py): each worker draws rows from this many of its shards at once,
     # rows shuffled inside each shard; the compressed bytes of these shards are held in memory.
     shards_in_flight: int = 4

@@ -38,6 +38,7 @@ from PIL import Image
 from clip_model import Tokenizer
 from clip_model.transform import OPENAI_MEAN, OPENAI_STD, to_rgb
 from pipelines import datasets, storage
+from pipelines.selection import read_selected_rows
 from pipelines.train.position import Cursor, row_order
 
 OK, CORRUPT_IMAGE, MISSING_CAPTION = 0, 1, 2
@@ -112,10 +113,12 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 class ShardLoader:
     """Compressed rows of this worker's shards, read in background threads ahead of use, served in each
-    shard's seeded row order. Keeps the sizes of every shard it opened (for the committed cursor)."""
+    shard's seeded row order. Keeps the sizes of every shard it opened (for the committed cursor).
+    With a `selection` folder (pipelines/selection.py) a shard is its selected rows only: its size is their
+    number and positions map to them, so no other row ever reaches the decoder."""
 
-    def __init__(self, uris: Sequence[str], seed: int, epoch: int, threads: int = 2):
-        self.uris, self.seed, self.epoch = uris, seed, epoch
+    def __init__(self, uris: Sequence[str], seed: int, epoch: int, threads: int = 2, selection: str = ""):
+        self.uris, self.seed, self.epoch, self.selection = uris, seed, epoch, selection
         self.sizes: dict[int, int] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-read")
         self._pending: dict[int, object] = {}
@@ -124,7 +127,10 @@ class ShardLoader:
     def prefetch(self, shards: Sequence[int]) -> None:
         for s in shards:
             if s not in self._pending and s not in self._open:
-                self._pending[s] = self._pool.submit(datasets.read_rows, self.uris[s])
+                if self.selection:
+                    self._pending[s] = self._pool.submit(read_selected_rows, self.uris[s], self.selection)
+                else:
+                    self._pending[s] = self._pool.submit(datasets.read_rows, self.uris[s])
 
     def size(self, shard: int) -> int:
         if shard not in self._open:
