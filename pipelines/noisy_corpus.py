@@ -24,6 +24,7 @@ import random
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -170,3 +171,43 @@ def write_noisy_corpus(out: str, params: NoisyParams | None = None) -> NoisyCorp
         n_copies=len(rows) - n_groups,
         n_groups=n_groups,
     )
+
+
+def filter_quality(corpus: NoisyCorpus, output: str) -> dict[str, float]:
+    """How well a filter run (jobs/filter_wit.py output at `output`, no per-query cap) did on the truth:
+    mismatch_recall (mismatched pairs the score cut removed), match_loss (matched pairs it removed),
+    dup_recall (near-duplicate copies the dedupe removed, of those that reached it) and distinct_loss
+    (distinct renders the dedupe removed entirely)."""
+    from pipelines.filter.score import Cut
+
+    stats = storage.read_json(storage.join(output, "_stats.json"))
+    cut = Cut(stats["score_cut"]["threshold"], stats["score_cut"]["tie_key"])
+    kept: set[str] = set()
+    low: set[str] = set()
+    for name in corpus.shards:
+        sel = pq.read_table(
+            io.BytesIO(storage.read_bytes(storage.join(output, "selection", f"{name}.parquet")))
+        )
+        kept.update(sel["key"].to_pylist())
+        store = pq.read_table(
+            io.BytesIO(storage.read_bytes(storage.join(output, "embeddings", f"{name}.parquet"))),
+            columns=["key", "reason", "score"],
+        ).filter(pc.equal(pc.field("reason"), ""))
+        keys = store["key"].to_pylist()
+        passed = cut.keep(store["score"].to_numpy(zero_copy_only=False), keys)
+        low.update(k for k, p in zip(keys, passed) if not p)
+    truth = corpus.truth().to_pylist()
+    mismatched = [t["key"] for t in truth if t["mismatched"]]
+    matched = [t["key"] for t in truth if not t["mismatched"]]
+    groups: dict[str, list[str]] = {}
+    for t in truth:
+        if not t["mismatched"] and t["key"] not in low:  # what reached the dedupe
+            groups.setdefault(t["group"], []).append(t["key"])
+    removable = sum(len(g) - 1 for g in groups.values())
+    removed = sum(min(len(g) - 1, sum(k not in kept for k in g)) for g in groups.values())
+    return {
+        "mismatch_recall": sum(k in low for k in mismatched) / max(1, len(mismatched)),
+        "match_loss": sum(k in low for k in matched) / max(1, len(matched)),
+        "dup_recall": removed / max(1, removable),
+        "distinct_loss": sum(all(k not in kept for k in g) for g in groups.values()) / max(1, len(groups)),
+    }

@@ -14,7 +14,7 @@ class EmbedSection:
     pool: Pool = field(default_factory=Pool)  # embedding actors, (min, max) growing with the cluster
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    read_cpus: float = 1.0  # CPU per read/decode task
+    read_cpus: float = 0.5  # CPU per read/decode task (differs from the actors' so Ray Data keeps them apart)
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:

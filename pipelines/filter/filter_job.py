@@ -19,7 +19,7 @@ import numpy as np
 from pipelines.filter import dedupe, rebalance, rows, score
 from pipelines.filter.config import FilterConfig
 from pipelines.filter.score import Cut
-from pipelines.filter.select import WriteSelection
+from pipelines.filter.select import write_selection
 
 ROW_COLUMNS = ["shard", "row", "key", "query", "score", "reason", "dup_of", "dup_shard"]
 
@@ -121,7 +121,7 @@ def run_filters(cfg: FilterConfig, store: list[str], cut: Cut, centroids: np.nda
     return (
         dead.union(alive)
         .groupby("shard")
-        .map_groups(WriteSelection(cfg.output), batch_format="numpy")
+        .map_groups(write_selection, fn_kwargs={"output": cfg.output}, batch_format="numpy")
         .iter_rows()
     )
 

@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
@@ -35,7 +36,7 @@ def _embeddings(column: pa.ChunkedArray) -> np.ndarray:
 def summary(uri: str, bins: int) -> dict:
     """Rows, scored rows, the sparse score histogram and the extreme pairs of one store file."""
     t = read_store(uri, ["row", "key", "shard", "reason", "score"])
-    scored = pa.compute.equal(t["reason"], "")
+    scored = pc.equal(t["reason"], "")
     s = t.filter(scored)
     scores = s["score"].to_numpy(zero_copy_only=False).astype(np.float32)
     hist = score.histogram(scores, bins)
@@ -58,7 +59,7 @@ def summary(uri: str, bins: int) -> dict:
 
 def boundary_pairs(uri: str, bins: int, bucket: int) -> list[tuple[float, str]]:
     """(score, key) of the scored pairs of one store file that fall in histogram bucket `bucket`."""
-    t = read_store(uri, ["key", "reason", "score"]).filter(pa.compute.equal(pa.field("reason"), ""))
+    t = read_store(uri, ["key", "reason", "score"]).filter(pc.equal(pc.field("reason"), ""))
     scores = t["score"].to_numpy(zero_copy_only=False).astype(np.float32)
     hit = np.nonzero(score.buckets(scores, bins) == bucket)[0]
     keys = t["key"].to_pylist()
@@ -67,9 +68,7 @@ def boundary_pairs(uri: str, bins: int, bucket: int) -> list[tuple[float, str]]:
 
 def kept_embeddings(uri: str, cut: Cut) -> np.ndarray:
     """Image embeddings of the pairs of one store file that pass the score cut (k-means input)."""
-    t = read_store(uri, ["key", "reason", "score", "image_emb"]).filter(
-        pa.compute.equal(pa.field("reason"), "")
-    )
+    t = read_store(uri, ["key", "reason", "score", "image_emb"]).filter(pc.equal(pc.field("reason"), ""))
     keep = cut.keep(t["score"].to_numpy(zero_copy_only=False), t["key"].to_pylist())
     return _embeddings(t.filter(pa.array(keep))["image_emb"]) if keep.any() else np.zeros((0, 1), np.float32)
 

@@ -29,38 +29,33 @@ def write_keys(output: str, shard: str, keys: list[str]) -> None:
     storage.write_bytes_atomic(selection_uri(output, shard), buf.getvalue())
 
 
-class WriteSelection:
+def write_selection(group: Mapping[str, np.ndarray], output: str) -> dict[str, np.ndarray]:
     """map_groups over one shard's decision rows: writes its selection file, returns one record (shard,
     n, kept, dropped as JSON, a few duplicate pairs as JSON)."""
-
-    def __init__(self, output: str):
-        self.output = output
-
-    def __call__(self, group: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        shard = str(group["shard"][0])
-        order = np.argsort(np.asarray(group["row"], dtype=np.int64), kind="stable")
-        reasons = [str(group["reason"][i]) for i in order]
-        keys = [str(group["key"][i]) for i in order]
-        write_keys(self.output, shard, [k for k, r in zip(keys, reasons) if not r])
-        dropped = {r: reasons.count(r) for r in sorted(set(reasons) - {""})}
-        dups = [
-            {
-                "key": keys[j],
-                "shard": shard,
-                "dup_of": str(group["dup_of"][i]),
-                "dup_shard": str(group["dup_shard"][i]),
-            }
-            for j, i in enumerate(order)
-            if group["dup_of"][i]
-        ][:DUP_EXAMPLES]
-        record = {
+    shard = str(group["shard"][0])
+    order = np.argsort(np.asarray(group["row"], dtype=np.int64), kind="stable")
+    reasons = [str(group["reason"][i]) for i in order]
+    keys = [str(group["key"][i]) for i in order]
+    write_keys(output, shard, [k for k, r in zip(keys, reasons) if not r])
+    dropped = {r: reasons.count(r) for r in sorted(set(reasons) - {""})}
+    dups = [
+        {
+            "key": keys[j],
             "shard": shard,
-            "n": len(keys),
-            "kept": reasons.count(""),
-            "dropped": json.dumps(dropped),
-            "dups": json.dumps(dups),
+            "dup_of": str(group["dup_of"][i]),
+            "dup_shard": str(group["dup_shard"][i]),
         }
-        return {k: np.array([v], dtype=object) for k, v in record.items()}
+        for j, i in enumerate(order)
+        if group["dup_of"][i]
+    ][:DUP_EXAMPLES]
+    record = {
+        "shard": shard,
+        "n": len(keys),
+        "kept": reasons.count(""),
+        "dropped": json.dumps(dropped),
+        "dups": json.dumps(dups),
+    }
+    return {k: np.array([v], dtype=object) for k, v in record.items()}
 
 
 def write_summary(output: str, data_uri: str, shards: int, n_in: int, kept: int, dropped: dict) -> dict:
