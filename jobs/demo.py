@@ -6,8 +6,12 @@
 2. starts a private Ray head on 127.0.0.1 (or uses `--address`), and submits, each with jobs/submit.py:
    the query list (Wikipedia + page views + WordNet) -> build_wit.py (WAT -> filters -> match -> balance ->
    crawl -> shards) -> train_clip.py (2 CPU workers, tiny ResNet) -> eval_clip.py (held-out images and captions);
-3. prints the dataset funnel, training time and throughput, and zero-shot accuracy against chance, and
-   writes plots (training curve, funnel, per-query histogram) and the evaluation reports into the run folder.
+3. closes the loop: filter_wit.py scores and deduplicates the shards with the model just trained (the corpus
+   has mismatched captions and near-duplicates a text-only build keeps), train_clip.py trains again on the
+   selection with the same step budget, eval_clip.py evaluates that run too;
+4. prints the dataset funnel, training time and throughput, zero-shot accuracy against chance, what the
+   filter removed (by the corpus's ground truth) and both runs' zero-shot side by side, and writes plots
+   (training curves, funnel, per-query histogram) and the evaluation reports into the run folder.
 
 Zero-shot is measured on held-out renders per label set: colour (8 classes), shape (6), and the 48 colour-shape
 pairs for information; colour and shape each on pairs the web shows ("seen") and on pairs no training caption
@@ -37,10 +41,13 @@ from pipelines.local_cluster import LocalRayCluster  # noqa: E402
 
 # Corpus size and training schedule. Colour is learned within a few dozen steps of 64 pairs, shape needs
 # hundreds; FULL (~380 steps) fits the quick start's 15 minutes on 2 busy cores, SMALL is the test smoke.
+# The loop (filter with the trained model, train again on the selection) gets the same number of steps in
+# FULL (`loop_steps` 0), so the two runs compare at one budget; SMALL only checks that the loop works (and
+# skips the filter's HTML report).
 FULL = {"images_per_concept": 32, "heldout_per_concept": 10, "epochs": 24, "batch_size": 32, "lr": 1e-3,
-        "warmup_steps": 20}  # fmt: skip
+        "warmup_steps": 20, "loop_steps": 0, "filter_report": True}  # fmt: skip
 SMALL = {"images_per_concept": 6, "heldout_per_concept": 3, "epochs": 10, "batch_size": 8, "lr": 2e-3,
-         "warmup_steps": 10}  # fmt: skip
+         "warmup_steps": 10, "loop_steps": 20, "filter_report": False}  # fmt: skip
 # The tiny ResNet picks up shape sooner than the tiny ViT at 32 px; captions are short, so 32 tokens.
 MODEL = {"model": "tiny-rn", "image_resolution": 32, "context_length": 32}
 # Zero-shot sets: (name, split, label set); "combo" is the image folder of all 48 pairs.
@@ -187,6 +194,95 @@ def eval_entrypoint(corpus, checkpoint: Path, merges: Path, eval_dir: Path) -> l
     return ["python", "-c", code]
 
 
+def train_argv(
+    size: dict, data: Path, merges: Path, vocab: int, run_dir: Path, name: str, corpus
+) -> list[str]:
+    """jobs/train_clip.py on the demo's shards (the trainer's colour check at each epoch end)."""
+    overrides = f"{{image_resolution: {MODEL['image_resolution']}, context_length: {MODEL['context_length']}, vocab_size: {vocab}}}"  # noqa: E501
+    return ["python", "jobs/train_clip.py", "--config", "configs/train_tiny.yaml",
+            f"data_uri={data / 'shards'}", f"tokenizer_merges={merges}", f"model={MODEL['model']}",
+            f"model_overrides={overrides}", f"storage_path={run_dir}", f"name={name}", f"epochs={size['epochs']}",
+            f"batch_size={size['batch_size']}", f"lr={size['lr']}", f"warmup_steps={size['warmup_steps']}",
+            "checkpoint_every=0", "keep_checkpoints=1", "max_failures=0",
+            f"zero_shot_data={corpus.label_set('seen', 'colour')}",
+            f"zero_shot_templates={corpus.templates('colour')}"]  # fmt: skip
+
+
+def latest_checkpoint(train_dir: Path) -> Path:
+    return sorted(p for p in train_dir.glob("checkpoint_*") if p.is_dir())[-1]
+
+
+def noise_of_samples(shard_dir: Path, truth: dict) -> dict[str, str]:
+    """{sample key: "mismatched_caption" | "near_duplicate" | "clean"} of the built shards, from the corpus's
+    ground truth (a sample's URL path is the image's path on the demo web)."""
+    from pipelines import shards
+
+    by_path = {im["path"]: im.get("noise", "clean") for im in truth["images"]}
+    noise = {}
+    for tar in sorted(shard_dir.glob("*.tar")):
+        for sample in shards.read_tar_samples(tar.read_bytes()):
+            path = sample["json"]["url"].split("/", 3)[3]
+            noise[sample["key"]] = by_path.get(path, "clean")
+    return noise
+
+
+def filter_summary(filter_dir: Path, noise: dict[str, str]) -> dict:
+    """The filter's counts and, per kind of noise, the share of the built samples it removed."""
+    import pyarrow.parquet as pq
+
+    selection = json.loads((filter_dir / "selection" / "_selection.json").read_text())
+    kept = {
+        k for f in (filter_dir / "selection").glob("*.parquet") for k in pq.read_table(f)["key"].to_pylist()
+    }
+    removed = {}
+    for kind in ("mismatched_caption", "near_duplicate", "clean"):
+        keys = [k for k, v in noise.items() if v == kind]
+        removed[kind] = {"n": len(keys), "removed": sum(k not in kept for k in keys)}
+    return {"input": selection["input"], "kept": selection["kept"], "dropped": selection["dropped"],
+            "removed": removed}  # fmt: skip
+
+
+def close_the_loop(address: str, ctx: dict, timings: dict) -> dict:
+    """Filter the shards with the model just trained (jobs/filter_wit.py), train again on the selection with
+    the same step budget (FULL), and evaluate that run like the first."""
+    run_dir, size, steps = ctx["run_dir"], ctx["size"], ctx["steps"]
+    filter_dir = run_dir / "filter"
+    shutil.rmtree(filter_dir, ignore_errors=True)
+    t = time.time()
+    # 15% of the corpus's captions are mismatched: keep the top 80% by CLIP score. Renders of one concept
+    # embed close together in a tiny model, so only near-identical images (cosine >= 0.99) count as copies.
+    run_job(address, ["python", "jobs/filter_wit.py", "--config", "configs/filter_demo.yaml",
+                      f"data_uri={ctx['data'] / 'shards'}", f"output={filter_dir}",
+                      f"checkpoint={ctx['checkpoint']}", "score.top_fraction=0.8",
+                      "dedupe.threshold=0.99", f"report={str(size['filter_report']).lower()}"], ROOT)  # fmt: skip
+    timings["filter_s"] = time.time() - t
+    train_dir = run_dir / "train_filtered"
+    shutil.rmtree(train_dir, ignore_errors=True)
+    t = time.time()
+    argv = train_argv(
+        size, ctx["data"], ctx["merges"], ctx["vocab"], run_dir, "train_filtered", ctx["corpus"]
+    )
+    run_job(address, [*argv, f"selection={filter_dir}", f"max_steps={size['loop_steps'] or steps}"], ROOT)
+    timings["train_filtered_s"] = time.time() - t
+    eval_dir = run_dir / "eval_filtered"
+    shutil.rmtree(eval_dir, ignore_errors=True)
+    t = time.time()
+    run_job(
+        address, eval_entrypoint(ctx["corpus"], latest_checkpoint(train_dir), ctx["merges"], eval_dir), ROOT
+    )
+    timings["eval_filtered_s"] = time.time() - t
+    return {"filter_dir": filter_dir, "train_dir": train_dir, "eval_dir": eval_dir}
+
+
+def zero_shot_results(eval_dir: Path) -> dict:
+    zero_shot = {}
+    for name, _, _ in EVAL_SETS:
+        zs = json.loads((eval_dir / name / "results.json").read_text())["zero_shot"]
+        zero_shot[name] = {"top1": zs["top1"], "n": zs["n"], "classes": zs["num_classes"],
+                           "chance": 1.0 / zs["num_classes"]}  # fmt: skip
+    return zero_shot
+
+
 def run(args: argparse.Namespace) -> dict:
     size = SMALL if args.small else FULL
     start = time.time()
@@ -231,42 +327,52 @@ def run(args: argparse.Namespace) -> dict:
             train_dir = run_dir / "train"
             shutil.rmtree(train_dir, ignore_errors=True)
             t = time.time()
-            overrides = f"{{image_resolution: {MODEL['image_resolution']}, context_length: {MODEL['context_length']}, vocab_size: {vocab}}}"  # noqa: E501
-            run_job(address, ["python", "jobs/train_clip.py", "--config", "configs/train_tiny.yaml",
-                              f"data_uri={data / 'shards'}", f"tokenizer_merges={merges}", f"model={MODEL['model']}",
-                              f"model_overrides={overrides}",
-                              f"storage_path={run_dir}", "name=train", f"epochs={size['epochs']}",
-                              f"batch_size={size['batch_size']}", f"lr={size['lr']}", f"warmup_steps={size['warmup_steps']}",
-                              "checkpoint_every=0", "keep_checkpoints=1", "max_failures=0",
-                              f"zero_shot_data={corpus.label_set('seen', 'colour')}",
-                              f"zero_shot_templates={corpus.templates('colour')}"], ROOT)  # fmt: skip
+            run_job(address, train_argv(size, data, merges, vocab, run_dir, "train", corpus), ROOT)
             timings["train_s"] = time.time() - t
-            checkpoint = sorted(p for p in train_dir.glob("checkpoint_*") if p.is_dir())[-1]
+            checkpoint = latest_checkpoint(train_dir)
 
             eval_dir = run_dir / "eval"
             shutil.rmtree(eval_dir, ignore_errors=True)
             t = time.time()
             run_job(address, eval_entrypoint(corpus, checkpoint, merges, eval_dir), ROOT)
             timings["eval_s"] = time.time() - t
+            training = plot_training(train_dir / "metrics.csv", run_dir / "training_curve.png")
+            ctx = {"run_dir": run_dir, "size": size, "steps": training["steps"], "data": data, "checkpoint": checkpoint,
+                   "merges": merges, "vocab": vocab, "corpus": corpus}  # fmt: skip
+            loop = close_the_loop(address, ctx, timings)
         finally:
             if cluster is not None:
                 cluster.stop()
 
     per_query = key_stats.read_table(str(data / "shards"), "queries").column("kept").to_pylist()
     funnel = plot_funnel(stats, per_query, run_dir / "funnel.png", run_dir / "per_query.png")
-    training = plot_training(train_dir / "metrics.csv", run_dir / "training_curve.png")
     results = {name: json.loads((eval_dir / name / "results.json").read_text()) for name, _, _ in EVAL_SETS}
-    zero_shot = {}
-    for name, _, _ in EVAL_SETS:
-        zs = results[name]["zero_shot"]
-        zero_shot[name] = {"top1": zs["top1"], "n": zs["n"], "classes": zs["num_classes"],
-                           "chance": 1.0 / zs["num_classes"]}  # fmt: skip
+    noise = noise_of_samples(data / "shards", corpus.truth())
+    filtered = {"filter": filter_summary(loop["filter_dir"], noise), "zero_shot": zero_shot_results(loop["eval_dir"]),
+                "training": plot_training(loop["train_dir"] / "metrics.csv", run_dir / "training_curve_filtered.png")}  # fmt: skip
     summary = {"funnel": funnel, "totals": stats.get("totals", {}), "timings": timings, "training": training,
-               "zero_shot": zero_shot, "retrieval": results["combo_all"].get("retrieval", {}),
-               "novel_pairs": [c.label for c in corpus.novel]}  # fmt: skip
+               "zero_shot": zero_shot_results(eval_dir), "retrieval": results["combo_all"].get("retrieval", {}),
+               "novel_pairs": [c.label for c in corpus.novel], "filtered": filtered}  # fmt: skip
     summary["timings"]["total_s"] = time.time() - start
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def print_loop(summary: dict) -> None:
+    """The model in the loop: what the filter removed, and zero-shot before and after."""
+    loop = summary["filtered"]
+    f = loop["filter"]
+    print("\n=== the model in the loop: filter the shards with the trained model, train again ===")
+    dropped = ", ".join(f"{k} {v}" for k, v in f["dropped"].items() if v) or "none"
+    print(f"  kept {f['kept']} of {f['input']} pairs (dropped: {dropped})")
+    for kind, label in (("mismatched_caption", "mismatched captions"), ("near_duplicate", "near-duplicates"),
+                        ("clean", "clean pairs")):  # fmt: skip
+        r = f["removed"][kind]
+        print(f"  {label:<20} removed {r['removed']:>4} of {r['n']:<4} ({r['removed'] / max(1, r['n']):.0%})")
+    steps = (summary["training"]["steps"], loop["training"]["steps"])
+    print(f"  zero-shot top-1      unfiltered ({steps[0]} steps)   filtered ({steps[1]} steps)")
+    for name, zs in summary["zero_shot"].items():
+        print(f"  {name:<20} {zs['top1']:>10.1%} {loop['zero_shot'][name]['top1']:>24.1%}")
 
 
 def print_summary(summary: dict, run_dir: str) -> None:
@@ -290,8 +396,10 @@ def print_summary(summary: dict, run_dir: str) -> None:
         print(f"  retrieval over {retrieval['num_images']} held-out images: image->text R@1 "
               f"{retrieval['image_to_text_R@1']:.1%}, text->image R@10 {retrieval['text_to_image_R@10']:.1%} "
               f"(chance {1 / retrieval['num_images']:.1%} and {10 / retrieval['num_images']:.1%})")  # fmt: skip
+    print_loop(summary)
     timings = summary["timings"]
     print(f"\nbuild {timings['build_s']:.0f} s, train {timings['train_s']:.0f} s, eval {timings['eval_s']:.0f} s, "
+          f"filter {timings['filter_s']:.0f} s, train on the selection {timings['train_filtered_s']:.0f} s, "
           f"total {timings['total_s']:.0f} s")  # fmt: skip
     print(f"\nplots and report: {run_dir}")
 

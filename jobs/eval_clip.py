@@ -12,7 +12,8 @@ OpenAI's published top-1) and clip_benchmark.jsonl (CLIP_benchmark's own result 
 embedding actors run on other nodes and read the checkpoint and the images themselves).
 Large sets are embedded with Ray Data (joins a running cluster, else starts a local one): the zero-shot prompts
 and images by the same actor pool (GPU actors on a GPU cluster); small sets in-process. The work is
-pipelines/evaluation/evaluator.py.
+pipelines/evaluation/evaluator.py. Shard sets take the rows a filter selected: `zero_shot.selection=`,
+`retrieval.selection=`, `linear_probe.{train,test,val}_selection=` (pipelines/selection.py).
 """
 
 from __future__ import annotations

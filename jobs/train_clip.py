@@ -5,8 +5,9 @@
     ray job submit --working-dir . -- python jobs/train_clip.py --config configs/train_tiny.yaml
 
 `data_uri` takes our shards, img2dataset's output folder, a brace list or a single shard (see
-pipelines/datasets.py). Without `storage_path`, checkpoints go to `s3://<data bucket>/runs` (data on S3) or
-`runs/` (a single-node cluster); a multi-node cluster with local data needs it set.
+pipelines/datasets.py); `selection=` trains on only the rows a filter selected (pipelines/selection.py).
+Without `storage_path`, checkpoints go to `s3://<data bucket>/runs` (data on S3) or `runs/` (a single-node
+cluster); a multi-node cluster with local data needs it set.
 
 Joins a running Ray cluster when there is one (`ray.init()`), else starts a local one. Prints the latest
 checkpoint (full training state + FP16 OpenAI-layout weights) and the final metrics.

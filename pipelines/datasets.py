@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -220,11 +220,11 @@ def _empty_rows() -> dict[str, list]:
     return {"key": [], "jpg": [], "txt": []}
 
 
-def _read_tar(data: bytes) -> tuple[dict[str, list], str | None]:
+def _read_tar(data: bytes, only: Set[str] | None = None) -> tuple[dict[str, list], str | None]:
     """key, jpg, txt columns of a WebDataset tar, one row per key (members grouped in file order), and the
     tar's damage: None, "unreadable_tar" (nothing could be read) or "truncated_tar" (rows up to the damage
     are returned). A key without a `.jpg` (or other image) member or without `.txt` keeps None there (a bad
-    row, counted)."""
+    row, counted). With `only`, only those keys' members are extracted."""
     import tarfile
 
     rows, current = _empty_rows(), None
@@ -234,6 +234,8 @@ def _read_tar(data: bytes) -> tuple[dict[str, list], str | None]:
                 if not member.isfile():
                     continue
                 key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                if only is not None and key not in only:
+                    continue
                 if key != current:
                     current = key
                     rows["key"].append(key)
@@ -253,7 +255,7 @@ def _read_tar(data: bytes) -> tuple[dict[str, list], str | None]:
     return rows, None
 
 
-def _read_parquet(data: bytes, uri: str) -> dict[str, list]:
+def _read_parquet(data: bytes, uri: str, only: Set[str] | None = None) -> dict[str, list]:
     names = pq.read_schema(io.BytesIO(data)).names
     if "jpg" not in names:
         raise DatasetError(
@@ -268,6 +270,9 @@ def _read_parquet(data: bytes, uri: str) -> dict[str, list]:
         if "key" in columns
         else [f"{shard_name(uri)}_{i:06d}" for i in range(n)]
     )
+    if only is not None:  # only the wanted rows' bytes become Python objects
+        take = [i for i, k in enumerate(keys) if str(k) in only]
+        table, keys, n = table.take(take), [keys[i] for i in take], len(take)
     text = "txt" if "txt" in columns else "caption" if "caption" in columns else None
     texts = table.column(text).to_pylist() if text else [None] * n
     return {
@@ -277,19 +282,19 @@ def _read_parquet(data: bytes, uri: str) -> dict[str, list]:
     }
 
 
-def read_rows(uri: str) -> dict[str, list]:
-    """All rows of one shard as columns key (str), jpg (bytes | None), txt (str | None), in file order.
-    Nothing is decoded: the bytes stay compressed. A damaged shard is a `DatasetError` naming it."""
+def read_rows(uri: str, only: Set[str] | None = None) -> dict[str, list]:
+    """All rows of one shard (or only those whose key is in `only`) as columns key (str), jpg (bytes |
+    None), txt (str | None), in file order.    Nothing is decoded: the bytes stay compressed. A damaged shard is a `DatasetError` naming it."""
     data = storage.read_bytes(uri)
     if uri.endswith(".parquet"):
-        return _read_parquet(data, uri)
-    rows, damage = _read_tar(data)
+        return _read_parquet(data, uri, only)
+    rows, damage = _read_tar(data, only)
     if damage:
         raise DatasetError(f"{uri}: {damage.replace('_', ' ')}")
     return rows
 
 
-def read_rows_tolerant(uri: str) -> tuple[dict[str, list], str | None]:
+def read_rows_tolerant(uri: str, only: Set[str] | None = None) -> tuple[dict[str, list], str | None]:
     """`read_rows` for training, where a bad shard is a data problem: (the rows that could be read, the
     damage as a drop reason or None). Reasons: missing_shard, unreadable_tar, truncated_tar,
     unreadable_parquet, parquet_without_jpg."""
@@ -298,9 +303,9 @@ def read_rows_tolerant(uri: str) -> tuple[dict[str, list], str | None]:
     except FileNotFoundError:
         return _empty_rows(), "missing_shard"
     if not uri.endswith(".parquet"):
-        return _read_tar(data)
+        return _read_tar(data, only)
     try:
-        return _read_parquet(data, uri), None
+        return _read_parquet(data, uri, only), None
     except DatasetError:
         return _empty_rows(), "parquet_without_jpg"
     except (pa.ArrowException, OSError):

@@ -9,7 +9,9 @@ What is in it (every image rendered by pipelines/synthetic.py, so each one's con
 - `www/siteK/pageN.html`: HTML pages with `<img src=... alt=...>`; sites mix descriptive file names
   (`red-circle-3.jpg`) with camera names (`IMG_4821.jpg`, alt text = the file name), English alt text
   with some French, German and Spanish, the same image linked from two pages (URL duplicates), the same
-  bytes under a second URL (content duplicates), and links to images that do not exist (broken).
+  bytes under a second URL (content duplicates), and links to images that do not exist (broken); and the
+  noise only a model can see: alt texts that describe another image (mismatched captions) and near-duplicates
+  (the same render re-encoded, resized or cropped under another URL, with a caption of its own).
 - `wat/siteK.warc.wat.gz`: the WAT records of those pages (relative `src` resolved against the page), written
   for the server's base URL because the port is only known once it listens.
 - `wiki/enwiki-demo-pages-articles.xml.bz2`, `wiki/pageviews-demo.gz`, `wiki/wordnet/`: a tiny Wikipedia
@@ -20,7 +22,8 @@ What is in it (every image rendered by pipelines/synthetic.py, so each one's con
   shows, so no training caption names them together), `heldout/images/<colour shape>/` (all 48, for
   information), with prompt templates per label set (`heldout/templates_<set>.txt`) and
   `heldout/captions.jsonl` (retrieval).
-- `truth.json`: per image URL its concept, language and expected fate (kept, or why it should be dropped).
+- `truth.json`: per image URL its concept, language and expected fate (kept, or why it should be dropped),
+  and `noise` ("mismatched_caption" or "near_duplicate") where a CLIP filter should drop a kept image.
 
 Generation is deterministic for a seed and skipped when `truth.json` already matches the parameters.
 """
@@ -63,6 +66,12 @@ class CorpusParams:
     duplicate_urls: float = 0.04  # share of images linked from a second page as well
     duplicate_bytes: float = 0.03  # share of images also served under a second URL
     broken_links: float = 0.04  # links to images that are not there, as a share of all images
+    # Noise a text-only build keeps and a CLIP filter should remove (jobs/filter_wit.py), drawn from a stream of
+    # their own so the rest of the corpus does not change with them:
+    mismatched_captions: float = (
+        0.15  # English alt texts that describe another image (colour and shape differ)
+    )
+    near_duplicates: float = 0.05  # images also served re-encoded, resized or cropped under another URL
     novel_combos: int = 8  # colour-shape pairs kept off the web (one per colour), evaluated as unseen pairs
     seed: int = 0
 
@@ -196,9 +205,40 @@ def _templates(attribute: str) -> list[str]:
     return [p.format("{}") for p in _PROMPTS]
 
 
-def _write_images(corpus: Corpus, concepts: list, rng: random.Random) -> list[dict]:
-    """The web's images (with duplicates by bytes and broken links), each with its fate, shuffled."""
+def _other_caption(concept: synthetic.Concept, concepts: list, rng: random.Random) -> str:
+    """A caption of a concept whose colour and shape both differ from `concept`'s."""
+    others = [c for c in concepts if c.colour != concept.colour and c.shape != concept.shape]
+    return synthetic.caption_for(rng.choice(others), rng)
+
+
+def _add_noise(
+    corpus: Corpus, image: dict, sample, jpg: bytes, concepts: list, rng: random.Random
+) -> list[dict]:
+    """Mismatch `image`'s caption, or add a near-duplicate copy of it (returned), per the noise shares. The
+    build keeps both (fate "kept"); `noise` says what a CLIP filter should drop."""
+    from pipelines.noisy_corpus import near_duplicate
+
     params = corpus.params
+    if image["fate"] != "kept":
+        return []
+    if rng.random() < params.mismatched_captions:
+        image.update(alt=_other_caption(sample.concept, concepts, rng), noise="mismatched_caption")
+        return []
+    if rng.random() >= params.near_duplicates:
+        return []
+    variant = rng.choice(("jpeg", "resize", "crop"))
+    site, name = image["path"].split("/img/", 1)
+    copy = f"{site}/img/{variant}-{name}"
+    (corpus.www / copy).write_bytes(near_duplicate(sample.image, jpg, variant, rng))
+    caption = synthetic.caption_for(sample.concept, rng)
+    return [{**image, "path": copy, "alt": caption, "caption_en": caption, "noise": "near_duplicate"}]
+
+
+def _write_images(corpus: Corpus, concepts: list, rng: random.Random) -> list[dict]:
+    """The web's images (with duplicates by bytes, broken links, mismatched captions and near-duplicates),
+    each with its fate, shuffled."""
+    params = corpus.params
+    noise_rng = random.Random(params.seed * 7919 + 17)
     images: list[dict] = []  # every image on the web, with its fate
     samples = synthetic.generate(
         params.images_per_concept * len(concepts), seed=params.seed, size=params.image_size, concepts=concepts
@@ -213,12 +253,15 @@ def _write_images(corpus: Corpus, concepts: list, rng: random.Random) -> list[di
         (corpus.www / site / "img").mkdir(parents=True, exist_ok=True)
         (corpus.www / path).write_bytes(jpg)
         fate = "kept" if lang == "en" and not camera else ("auto_generated" if camera else "not_english")
-        images.append({"path": path, "alt": _alt_text(sample, name, camera, lang, rng), "label": sample.label,
-                       "caption_en": sample.caption, "language": lang, "fate": fate})  # fmt: skip
+        image = {"path": path, "alt": _alt_text(sample, name, camera, lang, rng), "label": sample.label,
+                 "caption_en": sample.caption, "language": lang, "fate": fate}  # fmt: skip
+        near_duplicates = _add_noise(corpus, image, sample, jpg, concepts, noise_rng)  # may mismatch `alt`
+        images.append(image)
         if fate == "kept" and rng.random() < params.duplicate_bytes:
             copy = f"{site}/img/copy-{name}"
             (corpus.www / copy).write_bytes(jpg)
-            images.append({**images[-1], "path": copy, "fate": "duplicate_image"})
+            images.append({**image, "path": copy, "fate": "duplicate_image"})
+        images += near_duplicates
     n_broken = max(1, int(params.broken_links * len(images)))
     for j in range(n_broken):
         c = concepts[j % len(concepts)]

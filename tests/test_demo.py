@@ -16,6 +16,13 @@ def test_corpus_has_known_ground_truth_and_is_idempotent(tmp_path):
     fates = Counter(im["fate"] for im in truth["images"])
     assert fates["kept"] > 100 and fates["http_404"] >= 1
     assert {"not_english", "auto_generated", "duplicate_image"} <= set(fates)
+    # Noise the build keeps and the filter should remove: captions of another concept, near-duplicate copies.
+    noisy = [im for im in truth["images"] if im.get("noise")]
+    assert {im["noise"] for im in noisy} == {"mismatched_caption", "near_duplicate"}
+    assert all(im["fate"] == "kept" for im in noisy)
+    for im in (im for im in noisy if im["noise"] == "mismatched_caption"):
+        colour, shape = im["label"].split()
+        assert colour not in im["alt"].lower() or shape not in im["alt"].lower()
     mtime = (tmp_path / "c" / "truth.json").stat().st_mtime_ns
     assert write_corpus(tmp_path / "c", params).pages == corpus.pages
     assert (tmp_path / "c" / "truth.json").stat().st_mtime_ns == mtime
@@ -63,3 +70,10 @@ def test_demo_runs_end_to_end_small(ray_head, tmp_path):
         "crawl/input", "crawl/fetch", "crawl/image", "crawl/dedupe",
     ]  # fmt: skip
     assert Path(run_dir / "train" / "metrics.csv").exists()
+    # The loop: the filter ran with the trained model, and a second run trained on its selection.
+    loop = summary["filtered"]
+    f = loop["filter"]
+    assert f["kept"] + sum(f["dropped"].values()) == f["input"] == sum(r["n"] for r in f["removed"].values())
+    assert 0 < f["kept"] < f["input"] and f["removed"]["mismatched_caption"]["n"] > 0
+    assert loop["training"]["steps"] == 20 and set(loop["zero_shot"]) == set(zero_shot)
+    assert (run_dir / "training_curve_filtered.png").stat().st_size > 1000

@@ -16,6 +16,7 @@ class ZeroShotConfig:
     label_field: str = "label"
     class_names: str = ""  # .txt / .json file with readable class names; "" = folder / label names
     templates: str = "default"  # a template set of clip_model.zero_shot.TASK_TEMPLATES or a .txt/.json file
+    selection: str = ""  # shards only: the rows a filter selected (pipelines/selection.py); "" = all rows
 
 
 @dataclass
@@ -28,6 +29,10 @@ class LinearProbeConfig:
     max_iter: int = 1000
     steps_per_decade: int = 8
     seed: int = 0
+    # Shards only: the rows a filter selected of each set (pipelines/selection.py); "" = all rows.
+    train_selection: str = ""
+    test_selection: str = ""
+    val_selection: str = ""
 
 
 @dataclass
@@ -35,6 +40,7 @@ class RetrievalConfig:
     data: str = ""  # captions .jsonl or shards; "" = skip retrieval
     captions_field: str = "captions"
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    selection: str = ""  # shards only: the rows a filter selected (pipelines/selection.py); "" = all rows
 
 
 @dataclass

@@ -6,6 +6,8 @@ Inputs:
 - an ImageFolder-style directory: one sub-folder per class, images inside (`root/red_circle/001.jpg`);
 - WebDataset (`.tar`) or Parquet shards in the shard contract (pipelines/shards.py), with the class in a
   metadata field (`label` by default);
+- any of these shard sets restricted to the rows a filter selected (pipelines/selection.py): rows outside
+  the selection are dropped as the shard is read, before any image is decoded;
 - caption sets: a JSONL file with `{"image": "relative/or/absolute.jpg", "captions": ["...", "..."]}` per
   line, or shards whose metadata has a `captions` list (else the sample's `txt` is its one caption).
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines import datasets, storage
+from pipelines import datasets, selection, storage
 
 from . import clip_benchmark
 
@@ -176,25 +178,59 @@ def _field(sample: Mapping[str, Any], name: str) -> Any:
     return meta[name] if name in meta else sample.get(name)
 
 
+def _selected_units(path: str, uris: list[str], selection_uri: str) -> list[dict[str, Any]]:
+    """Units of the shards a selection keeps rows of: each names its selection file, and the selection's
+    fingerprint (so the feature cache never serves another selection's features)."""
+    data_format = "webdataset" if uris[0].endswith(".tar") else "parquet"
+    try:
+        chosen = selection.open_selection(selection_uri)
+        shards = selection.resolve(path, data_format, chosen)
+    except datasets.DatasetError as e:
+        raise EvalDataError(str(e)) from None
+    if not shards:
+        raise EvalDataError(f"{path}: the selection {selection_uri} keeps no row")
+    tag = selection.fingerprint(chosen, shards)
+    return [{"kind": "shard", "uri": s.uri, "selection": chosen.file_of(s.uri), "tag": tag} for s in shards]
+
+
+def unit_samples(unit: Mapping[str, Any]) -> list[dict]:
+    """A shard unit's samples: all of them, or only the selected ones (never decoded here)."""
+    samples = datasets.read_samples(unit["uri"])
+    if "selection" not in unit:
+        return samples
+    try:
+        keys = selection.read_keys(unit["selection"])
+        wanted = set(keys)
+        kept = [s for s in samples if s["key"] in wanted]
+        selection.check_rows({"key": [s["key"] for s in kept]}, keys, unit["uri"], unit["selection"])
+    except datasets.DatasetError as e:
+        raise EvalDataError(str(e)) from None
+    return kept
+
+
 def shard_set(
     path: str,
     label_field: str = "label",
     class_names: Sequence[str] | Mapping[str, str] | None = None,
     captions: bool = False,
     captions_field: str = "captions",
+    selection_uri: str = "",
 ) -> EvalSet:
-    """Shards with a label field (classification) or captions (retrieval). Without `class_names` the label
-    values found in the shards, sorted, are the classes (this reads every shard once)."""
+    """Shards with a label field (classification) or captions (retrieval), or only the rows a selection
+    keeps of them. Without `class_names` the label values found in the (selected) samples, sorted, are the
+    classes (this reads every shard once)."""
     uris = _shard_uris(path)
     units = [{"kind": "shard", "uri": u} for u in uris]
+    if selection_uri:
+        units = _selected_units(path, uris, selection_uri)
     if captions:
         return EvalSet("shards", path, units, [], label_field, captions_field)
     if class_names is None or isinstance(class_names, Mapping):
         found = sorted(
             {
                 str(v)
-                for u in uris
-                for s in datasets.read_samples(u)
+                for unit in units
+                for s in unit_samples(unit)
                 if (v := _field(s, label_field)) is not None
             }
         )
@@ -242,19 +278,22 @@ def open_eval_set(
     class_names: Sequence[str] | Mapping[str, str] | None = None,
     captions_field: str = "captions",
     fmt: str = "auto",
+    selection_uri: str = "",
 ) -> EvalSet:
-    """`task` is "classification" or "retrieval"."""
+    """`task` is "classification" or "retrieval". `selection_uri`: only the rows a filter selected (shards)."""
     fmt = detect_format(path) if fmt == "auto" else fmt
+    if selection_uri and fmt != "shards":
+        raise EvalDataError(f"{path}: a selection applies to shards, not to a {fmt}")
     if task == "retrieval":
         if fmt == "jsonl":
             return jsonl_captions(path)
         if fmt == "shards":
-            return shard_set(path, captions=True, captions_field=captions_field)
+            return shard_set(path, captions=True, captions_field=captions_field, selection_uri=selection_uri)
         raise EvalDataError(f"{path}: retrieval needs a captions .jsonl file or shards, not a {fmt}")
     if fmt == "folder":
         return image_folder(path, class_names)
     if fmt == "shards":
-        return shard_set(path, label_field, class_names)
+        return shard_set(path, label_field, class_names, selection_uri=selection_uri)
     raise EvalDataError(f"{path}: classification needs an image folder or shards, not a {fmt}")
 
 
@@ -277,7 +316,7 @@ def expand_unit(unit: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         yield record
         return
     index = {name: i for i, name in enumerate(unit.get("labels", []))}
-    for sample in datasets.read_samples(unit["uri"]):
+    for sample in unit_samples(unit):
         record = {"id": sample["key"], "jpg": sample.get("jpg") or b""}
         if "labels" in unit:
             value = _field(sample, unit["label_field"])

@@ -133,7 +133,7 @@ class Evaluator:
     def zero_shot(self) -> dict:
         zs = self.cfg.zero_shot
         names = load_class_names(local_copy(zs.class_names)) if zs.class_names else None
-        eval_set = open_eval_set(zs.data, "classification", zs.label_field, names)
+        eval_set = open_eval_set(zs.data, "classification", zs.label_field, names, selection_uri=zs.selection)
         return self.classify("zero_shot", eval_set, get_templates(local_copy(zs.templates)))
 
     def benchmark(self) -> list[dict]:
@@ -161,11 +161,17 @@ class Evaluator:
         lp = self.cfg.linear_probe
         if not lp.test:
             raise EvalDataError("linear_probe.train is set but linear_probe.test is not")
-        train_set = open_eval_set(lp.train, "classification", lp.label_field)
+        train_set = open_eval_set(
+            lp.train, "classification", lp.label_field, selection_uri=lp.train_selection
+        )
         sets = {"linear_probe_train": train_set, "linear_probe_test": None, "linear_probe_val": None}
-        for key, path in (("linear_probe_test", lp.test), ("linear_probe_val", lp.val)):
+        for key, path, chosen in (
+            ("linear_probe_test", lp.test, lp.test_selection),
+            ("linear_probe_val", lp.val, lp.val_selection),
+        ):
             if path:
-                s = open_eval_set(path, "classification", lp.label_field, list(train_set.class_names))
+                s = open_eval_set(path, "classification", lp.label_field, list(train_set.class_names),
+                                  selection_uri=chosen)  # fmt: skip
                 if s.kind == "folder" and s.class_names != train_set.class_names:
                     raise EvalDataError(
                         f"{path}: classes {s.class_names} differ from the training set's {train_set.class_names}"
@@ -197,7 +203,7 @@ class Evaluator:
 
     def retrieval(self) -> dict:
         rt = self.cfg.retrieval
-        eval_set = open_eval_set(rt.data, "retrieval", captions_field=rt.captions_field)
+        eval_set = open_eval_set(rt.data, "retrieval", captions_field=rt.captions_field, selection_uri=rt.selection)
         embedded = self.embed("retrieval", eval_set)
         result = retrieval_metrics(
             embedded.image_features, embedded.text_features, embedded.text_image_index, ks=tuple(rt.ks)

@@ -23,6 +23,9 @@ class TrainConfig:
     # A shard that cannot be read (random bytes, cut short, Parquet without `jpg`) is skipped or read up to
     # its damage, named and counted in the epoch's line; more bad shards than this fraction stops the run.
     max_bad_shard_fraction: float = 0.05
+    # A selection of data_uri's rows (pipelines/selection.py: the filter job's `selection/` folder, or the
+    # folder holding it): only those rows are counted, read and trained on. "" = every row.
+    selection: str = ""
     # Read order (pipelines/train/position.py): each worker draws rows from this many of its shards at once,
     # rows shuffled inside each shard; the compressed bytes of these shards are held in memory.
     shards_in_flight: int = 4

@@ -48,6 +48,7 @@ from PIL import Image
 from clip_model import Tokenizer
 from clip_model.transform import OPENAI_MEAN, OPENAI_STD, to_rgb
 from pipelines import datasets, storage
+from pipelines.selection import read_shard
 from pipelines.train.position import Cursor, row_order
 
 OK, CORRUPT_IMAGE, MISSING_CAPTION = 0, 1, 2
@@ -123,10 +124,12 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 class ShardLoader:
     """Compressed rows of this worker's shards, read in background threads ahead of use, served in each
     shard's seeded row order. Keeps the sizes of every shard it opened (for the committed cursor) and the
-    damage of each bad one (`damaged`: shard -> (reason, rows read); a bad shard serves what could be read)."""
+    damage of each bad one (`damaged`: shard -> (reason, rows read); a bad shard serves what could be read).
+    With a `selection` folder (pipelines/selection.py) a shard is its selected rows only: its size is their
+    number and positions map to them, so no other row ever reaches the decoder."""
 
-    def __init__(self, uris: Sequence[str], seed: int, epoch: int, threads: int = 2):
-        self.uris, self.seed, self.epoch = uris, seed, epoch
+    def __init__(self, uris: Sequence[str], seed: int, epoch: int, threads: int = 2, selection: str = ""):
+        self.uris, self.seed, self.epoch, self.selection = uris, seed, epoch, selection
         self.sizes: dict[int, int] = {}
         self.damaged: dict[int, tuple[str, int]] = {}
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-read")
@@ -136,7 +139,7 @@ class ShardLoader:
     def prefetch(self, shards: Sequence[int]) -> None:
         for s in shards:
             if s not in self._pending and s not in self._open:
-                self._pending[s] = self._pool.submit(datasets.read_rows_tolerant, self.uris[s])
+                self._pending[s] = self._pool.submit(read_shard, self.uris[s], self.selection)
 
     def size(self, shard: int) -> int:
         if shard not in self._open:

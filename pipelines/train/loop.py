@@ -108,10 +108,12 @@ class Run:
     decode: DecodeSettings
     zero_shot: ZeroShotCheck | None = None
     shard_rows: list[int] = dataclasses.field(default_factory=list)  # the driver's count of each shard
+    selection_tag: str = ""  # the selection's fingerprint: a position is meaningless on another selection
 
     @property
     def shard_names(self) -> list[str]:
-        return [u.rsplit("/", 1)[-1] for u in self.shard_uris]
+        names = [u.rsplit("/", 1)[-1] for u in self.shard_uris]
+        return [f"{n}@{self.selection_tag}" for n in names] if self.selection_tag else names
 
 
 @dataclasses.dataclass
@@ -159,7 +161,7 @@ def build_run(loop_config: dict) -> Run:
                  resolve_precision(cfg.precision, device), cfg.precision, cfg.compile and cfg.compile_backend)  # fmt: skip
     return Run(cfg, rank, world, device, loop_config["total_steps"], loop_config["shard_uris"],
                loop_config["num_rows"], autocast, merges_for_checkpoint(merges_path) if rank == 0 else b"",
-               decode, zero_shot, loop_config.get("shard_rows", []))  # fmt: skip
+               decode, zero_shot, loop_config.get("shard_rows", []), loop_config.get("selection_tag", ""))  # fmt: skip
 
 
 def quiet_ray_train() -> None:
@@ -248,7 +250,7 @@ def open_stream(state: TrainState, run: Run) -> WorkerStream:
     cfg = run.cfg
     state.segment_start = state.position
     cursor = state.position.cursor(run.rank, run.world, cfg.shards_in_flight)
-    loader = ShardLoader(run.shard_uris, cfg.seed, state.position.epoch)
+    loader = ShardLoader(run.shard_uris, cfg.seed, state.position.epoch, selection=cfg.selection)
     return WorkerStream(cursor, loader, Decoder(run.decode), cfg.batch_size)
 
 

@@ -15,7 +15,7 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from clip_model import Tokenizer
-from pipelines import datasets, storage
+from pipelines import datasets, selection, storage
 from pipelines.config import config_to_dict
 from pipelines.train.config import TrainConfig
 from pipelines.train.loop import (
@@ -33,16 +33,28 @@ class SetupError(ValueError):
 
 
 def resolve_shards(cfg: TrainConfig) -> list[datasets.Shard]:
-    """The run's shards with their sample counts (index, img2dataset stats, manifests, or counted)."""
-    found = datasets.resolve(cfg.data_uri, cfg.data_format)
+    """The run's shards with their sample counts (index, img2dataset stats, manifests, or counted); with a
+    selection, the selected shards with their selected row counts."""
+    if cfg.selection:
+        found = selection.resolve(cfg.data_uri, cfg.data_format, selection.open_selection(cfg.selection))
+        where = f"{cfg.data_uri!r} selected by {cfg.selection!r}"
+    else:
+        found, where = datasets.resolve(cfg.data_uri, cfg.data_format), repr(cfg.data_uri)
+    if cfg.selection and not found:
+        raise ValueError(f"the selection {cfg.selection!r} keeps no row of {cfg.data_uri!r}")
     if len(found) < cfg.num_workers:
         raise ValueError(
-            f"{len(found)} shard(s) in {cfg.data_uri!r} for {cfg.num_workers} workers: each worker reads whole "
+            f"{len(found)} shard(s) in {where} for {cfg.num_workers} workers: each worker reads whole "
             "shards, so there must be at least one per worker (write more, smaller shards)"
         )
     if sum(s.num_samples for s in found) == 0:
-        raise ValueError(f"the {len(found)} {cfg.data_format} shard(s) of {cfg.data_uri!r} hold no samples")
+        raise ValueError(f"the {len(found)} {cfg.data_format} shard(s) of {where} hold no samples")
     return found
+
+
+def selection_tag(cfg: TrainConfig, found: list[datasets.Shard]) -> str:
+    """The selection's fingerprint, part of the data position's shard-list check ("" without one)."""
+    return selection.fingerprint(selection.open_selection(cfg.selection), found) if cfg.selection else ""
 
 
 def plan_steps(cfg: TrainConfig, num_rows: int) -> int:
@@ -132,6 +144,7 @@ def worker_paths(cfg: TrainConfig, single_node: bool) -> TrainConfig:
     fields = (
         "tokenizer_merges",
         "data_uri",
+        "selection",
         "zero_shot_data",
         "zero_shot_templates",
         "resume_from",
@@ -176,6 +189,8 @@ def check_setup(cfg: TrainConfig, single_node: bool) -> tuple[TrainConfig, list[
     with setup_errors():
         cfg = dataclasses.replace(cfg, storage_path=storage_root(cfg, single_node))
         cfg = with_vocab_size(worker_paths(cfg, single_node))
+        if cfg.selection:  # the workers read the selection folder itself (not the filter output holding it)
+            cfg = dataclasses.replace(cfg, selection=selection.open_selection(cfg.selection).folder)
         check_resume_source(cfg)
         check_tokenizer(cfg, cfg.model_config().vocab_size)
         return cfg, resolve_shards(cfg)
@@ -224,6 +239,7 @@ def build_trainer(cfg: TrainConfig) -> TorchTrainer:
             "shard_rows": [s.num_samples for s in found],
             "num_rows": num_rows,
             "total_steps": plan_steps(cfg, num_rows),
+            "selection_tag": selection_tag(cfg, found),
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -1,0 +1,1 @@
+"""The CLIP filter job: embedding store -> score / semantic-dedupe / per-query filters -> selection + report."""
