@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import _ray_setup  # noqa: F401  (repository on sys.path, loopback Ray)
 
@@ -24,8 +25,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=300, help="distinct renders in the noisy corpus")
     p.add_argument("--mismatch", type=float, default=0.2)
     p.add_argument("--dups", type=float, default=0.15, help="share of clean renders with copies")
-    p.add_argument("--threshold", type=float, default=None, help="score cut (default: top 1 - mismatch)")
-    p.add_argument("--dedupe-threshold", type=float, default=0.95)
+    p.add_argument("--threshold", type=float, default=None, help="score cut (default: the model's p02)")
+    p.add_argument("--dedupe-threshold", type=float, default=0.9985)
     p.add_argument("--checkpoint", default="", help="default: train one on clean pairs under --out")
     p.add_argument("--train-steps", type=int, default=150)
     p.add_argument("--out", default="/tmp/bench_filter_quality")
@@ -35,7 +36,7 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from pipelines.config import load_config
-    from pipelines.filter.clean_model import WEIGHTS, train_clean_clip
+    from pipelines.filter.clean_model import CALIBRATION, WEIGHTS, calibrate, train_clean_clip
     from pipelines.filter.config import FilterConfig
     from pipelines.filter.job import filter_wit
     from pipelines.noisy_corpus import NoisyParams, filter_quality, write_noisy_corpus
@@ -50,11 +51,12 @@ def main() -> None:
     )
     corpus = write_noisy_corpus(os.path.join(args.out, "noisy"), params)
     _ray_setup.start_ray(os.cpu_count() or 1)
-    cut = (
-        [f"score.threshold={args.threshold}"]
-        if args.threshold is not None
-        else [f"score.top_fraction={1 - args.mismatch}"]
-    )
+    # Default cut: the score that keeps 98% of held-out clean pairs (calibrated at training time).
+    calibration = Path(ckpt) / CALIBRATION
+    if args.threshold is None and not calibration.exists():
+        calibrate(ckpt)
+    threshold = args.threshold if args.threshold is not None else json.loads(calibration.read_text())["p02"]
+    cut = [f"score.threshold={threshold}"]
     output = os.path.join(args.out, f"filtered_{int(time.time())}")
     cfg = load_config(
         FilterConfig,
