@@ -58,7 +58,21 @@ def make_shards(folder: str, n: int, per_shard: int = 64) -> str:
 def run_job(
     cluster: LocalRayCluster, data: str, ckpt: str, out: str, chunk: int
 ) -> tuple[float, float, float]:
-    """(cluster + driver CPU s, driver peak RSS MB, wall s) of one embed-only job."""
+    """(cluster + driver CPU s, driver peak RSS MB, wall s) of one embed-only job; a driver that could not
+    connect (seen on a heavily loaded machine: the head's node not registered yet) is started again."""
+    for attempt in range(3):
+        try:
+            return _run_job(cluster, data, ckpt, out, chunk)
+        except RuntimeError:
+            if attempt == 2:
+                raise
+            time.sleep(10)
+    raise AssertionError("unreachable")
+
+
+def _run_job(
+    cluster: LocalRayCluster, data: str, ckpt: str, out: str, chunk: int
+) -> tuple[float, float, float]:
     args = [sys.executable, os.path.join(ROOT, "jobs/filter_wit.py"), f"data_uri={data}", f"output={out}",
             f"checkpoint={ckpt}", "embed_only=true", f"embed.chunk_size={chunk}", "embed.device=cpu"]  # fmt: skip
     env = {**os.environ, **LOOPBACK_ENV, "RAY_ADDRESS": cluster.address, "PYTHONPATH": ROOT}
