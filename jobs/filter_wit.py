@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, EvalModelError) as e:
         print(f"filter_wit.py: error: {e}", file=sys.stderr)
         return 2
+    if cfg.embed_only:
+        print(f"embedding store: {cfg.output}/embeddings ({stats['shards']})")
+        return 0
     sel = stats["selection"]
     print(f"{sel['kept']} of {sel['input']} pairs kept in {sel['shards']} shards; dropped: {sel['dropped']}")
     if stats["shards"]["missing"]:

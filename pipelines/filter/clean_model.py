@@ -15,7 +15,7 @@ import torch
 
 from pipelines import synthetic
 
-WEIGHTS, MERGES = "openai_fp16.pt", "merges.txt.gz"
+WEIGHTS, MERGES, CALIBRATION = "openai_fp16.pt", "merges.txt.gz", "clean_scores.json"
 CONTEXT = 24
 # One head per 64 channels (what the OpenAI layout implies), two blocks per tower: ~0.1 s a step on a core.
 NARROW = {
@@ -40,6 +40,8 @@ def train_clean_clip(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread wastes no time spinning on a shared machine
     samples = list(synthetic.generate(n, seed=seed + 10_000))
     captions = [s.caption for s in samples]
     tok = clip_model.Tokenizer.train(captions, 600, out / MERGES, context_length=CONTEXT)
@@ -60,4 +62,31 @@ def train_clean_clip(
         loss.backward()
         opt.step()
     clip_model.save_openai_checkpoint(model.eval(), out / WEIGHTS)
+    calibrate(out, seed, model, tok)
+    torch.set_num_threads(threads)
     return str(out)
+
+
+def calibrate(folder: str | Path, seed: int = 0, model=None, tok=None, n: int = 300) -> dict[str, float]:
+    """Score percentiles of held-out clean pairs -> `{folder}/clean_scores.json`: a threshold such as `p02`
+    keeps 98% of matched pairs, chosen without looking at any noisy data."""
+    import json
+
+    from pipelines.evaluation.embed import load_tokenizer
+    from pipelines.filter.model import load_clip
+    from pipelines.filter.store import normalize, prepare_pixels
+
+    out = Path(folder)
+    model = model if model is not None else load_clip(str(out))
+    tok = tok if tok is not None else load_tokenizer(str(out / MERGES), model)
+    image_size = model.config.image_resolution
+
+    held = list(synthetic.generate(n, seed=seed + 20_000))
+    pixels = np.stack([prepare_pixels(synthetic.to_jpeg(s.image), image_size)[0] for s in held])
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(model.encode_image(normalize(torch.from_numpy(pixels))), dim=-1)
+        txt = torch.nn.functional.normalize(model.encode_text(tok([s.caption for s in held])), dim=-1)
+    scores = (img * txt).sum(1).numpy()
+    pct = {f"p{q:02d}": float(np.percentile(scores, q)) for q in (1, 2, 5, 10, 50)}
+    (out / CALIBRATION).write_text(json.dumps(pct, indent=1))
+    return pct

@@ -76,6 +76,7 @@ class FilterConfig:
     dedupe: DedupeSection = field(default_factory=DedupeSection)
     rebalance: RebalanceSection = field(default_factory=RebalanceSection)
     report: bool = True
+    embed_only: bool = False  # stop after the embedding store (e.g. to filter later with other settings)
 
     def __post_init__(self) -> None:
         if self.data_format not in ("webdataset", "parquet"):

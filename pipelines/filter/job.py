@@ -41,6 +41,17 @@ def funnel(n_in: int, dropped: dict[str, int]) -> Funnel:
 def filter_wit(cfg: FilterConfig) -> dict:
     uris = datasets.list_shards(cfg.data_uri, cfg.data_format)
     run = build_store(cfg, uris)
+    if cfg.embed_only:
+        return {
+            "shards": {
+                "input": len(uris),
+                "committed": len(run.committed),
+                "written_now": run.written,
+                "resumed": run.skipped,
+                "missing": run.missing,
+            },
+            "store_dropped": run.dropped,
+        }
     names = [datasets.shard_name(u) for u in uris]
     store = [store_uri(cfg.output, n) for n in names if n in run.committed]
     summary = summarise(store, cfg.score.bins) if store else None

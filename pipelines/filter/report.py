@@ -60,7 +60,8 @@ def contact_sheet(items: list[dict], pairs: dict, path: Path, title: str) -> Pat
         ax.axis("off")
     for ax, it in zip(axes.ravel(), items):
         jpg, caption = pairs.get(it["key"], (None, ""))
-        _thumb(ax, jpg, f"{it['score']:.3f}\n" + "\n".join(textwrap.wrap(caption, 28)[:3]))
+        head = it.get("label") or f"{it['score']:.3f}"
+        _thumb(ax, jpg, f"{head}\n" + "\n".join(textwrap.wrap(caption, 28)[:3]))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -101,7 +102,7 @@ def _plots(cfg, summary, cut, dups: list[dict], out: Path) -> dict[str, Path]:
     if dups:
         shown = []
         for d in dups[:6]:
-            shown += [{"key": d["dup_of"], "score": 0.0}, {"key": d["key"], "score": 0.0}]
+            shown += [{"key": d["dup_of"], "label": "kept"}, {"key": d["key"], "label": "dropped: duplicate"}]
         plots["duplicates"] = contact_sheet(shown, pairs, out / "duplicates.png", "kept | dropped duplicate")
     return plots
 

@@ -71,7 +71,9 @@ def _read_shard(uri: str) -> dict[str, list]:
         rows = datasets._read_parquet(data, uri)
         rows["query"] = _parquet_queries(data, len(rows["key"]))
     else:
-        rows = datasets._read_tar(data)
+        rows, damage = datasets._read_tar(data)
+        if damage:  # a damaged shard is reported whole, as before (its rows cannot all be counted)
+            raise datasets.DatasetError(f"{uri}: {damage.replace('_', ' ')}")
         queries = _tar_queries(data)
         rows["query"] = [queries.get(k) for k in rows["key"]]
     return rows

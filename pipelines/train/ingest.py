@@ -47,7 +47,7 @@ from PIL import Image
 
 from clip_model import Tokenizer
 from clip_model.transform import OPENAI_MEAN, OPENAI_STD, to_rgb
-from pipelines import datasets, storage
+from pipelines import storage
 from pipelines.selection import read_shard
 from pipelines.train.position import Cursor, row_order
 
