@@ -67,7 +67,7 @@ def test_demo_runs_end_to_end_small(ray_head, tmp_path):
     assert summary["retrieval"]["num_images"] == 48 * 3
     assert [name for name, _, _ in summary["funnel"]] == [
         "curate/read", "curate/text_filter", "curate/match", "curate/dedupe", "curate/balance",
-        "crawl/input", "crawl/fetch", "crawl/image", "crawl/dedupe",
+        "crawl/input", "crawl/caption", "crawl/fetch", "crawl/image", "crawl/dedupe",
     ]  # fmt: skip
     assert Path(run_dir / "train" / "metrics.csv").exists()
     # The loop: the filter ran with the trained model, and a second run trained on its selection.
