@@ -36,9 +36,20 @@ def test_dead_address_fails_fast(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "job", [["jobs/build_wit.py", "output=/nonexistent"], ["jobs/train_clip.py", "data_uri=/nonexistent"]]
+    "job",
+    [
+        ["jobs/build_wit.py", "output=/nonexistent"],
+        ["jobs/train_clip.py", "data_uri={tmp}/shards", "tokenizer_merges={tmp}/merges.txt.gz"],
+    ],
 )
-def test_job_entry_points_fail_fast_on_a_dead_ray_address(job):
+def test_job_entry_points_fail_fast_on_a_dead_ray_address(job, tmp_path):
+    # train_clip checks its data and merges before it joins Ray: give it inputs that pass those checks
+    from clip_model import Tokenizer
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(b"")
+    Tokenizer.train(["a red circle", "a blue square"] * 3, 520, tmp_path / "merges.txt.gz")
+    job = [arg.format(tmp=tmp_path) for arg in job]
     (port,) = free_ports(1)
     env = {**os.environ, **LOOPBACK_ENV, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     start = time.monotonic()
