@@ -241,3 +241,19 @@ def make_checkpoint_folder(ckpt: Path, captions: list[str], merges_name: str, st
     clip_model.save_openai_checkpoint(model, ckpt / "openai_fp16.pt")
     torch.save({"step": step}, ckpt / "state.pt")
     return tok, model
+
+
+def train_and_read(cfg) -> dict:
+    """Train `cfg` on the session's Ray and read its last checkpoint: the result, `state.pt` (weights only) and
+    the metrics rows."""
+    import csv
+
+    from pipelines.train.trainer import train
+
+    result = train(cfg)
+    assert result.error is None, result.error
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(f"{d}/state.pt", weights_only=True)
+        with open(f"{d}/metrics.csv") as f:
+            metrics = list(csv.DictReader(f))
+    return {"result": result, "state": state, "metrics": metrics}

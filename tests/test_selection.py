@@ -5,7 +5,6 @@ would show up as a counted bad row."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -13,8 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
-from conftest import make_checkpoint_folder  # shared builder (tests/ is on sys.path under pytest)
+from conftest import (  # shared builders (tests/ is on sys.path under pytest)
+    make_checkpoint_folder,
+    train_and_read,
+)
 
 from clip_model import Tokenizer
 from pipelines import datasets, selection
@@ -25,7 +26,7 @@ from pipelines.synthetic import generate, synthetic_shard_samples
 from pipelines.train import ingest
 from pipelines.train.config import TrainConfig
 from pipelines.train.position import Position
-from pipelines.train.trainer import build_trainer, train
+from pipelines.train.trainer import build_trainer
 
 SIZE = 32
 # 8 shards of 16 rows; the selection keeps 12 of each (96 rows), drops shard 00007 whole (no file) and
@@ -168,16 +169,6 @@ def test_evaluation_reads_only_the_selection(data, tmp_path):
 # ---------------------------------------------------------------- training on Ray
 
 
-def _run(cfg: TrainConfig) -> dict:
-    result = train(cfg)
-    assert result.error is None, result.error
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(f"{d}/state.pt", weights_only=False)
-        with open(f"{d}/metrics.csv") as f:
-            metrics = list(csv.DictReader(f))
-    return {"result": result, "state": state, "metrics": metrics}
-
-
 def test_training_sees_the_selection_and_resumes_exactly(ray_local, data):
     """One crash drill over a selection (the batch-for-batch identity of a resume is the stream test's)."""
     cfg = TrainConfig(
@@ -189,7 +180,7 @@ def test_training_sees_the_selection_and_resumes_exactly(ray_local, data):
     )  # fmt: skip
     trainer = build_trainer(cfg)  # counts and the step plan are the selection's
     assert trainer.train_loop_config["num_rows"] == SELECTED and trainer.train_loop_config["total_steps"] == 6
-    crashed = _run(cfg)
+    crashed = train_and_read(cfg)
     state = crashed["state"]
     assert (data["root"] / "runs" / "crash" / "crash_drill.done").exists()  # killed after step 5
     (epoch,) = state["epochs"]

@@ -5,33 +5,23 @@ the epoch exactly once. Bad configs fail clearly."""
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 
 import pytest
 import torch
+from conftest import train_and_read  # shared builder (tests/ is on sys.path under pytest)
 
 from clip_model import Tokenizer
 from pipelines.config import ConfigError, load_config
 from pipelines.shards import write_dataset
 from pipelines.synthetic import generate, synthetic_shard_samples
 from pipelines.train.config import TrainConfig
-from pipelines.train.trainer import SetupError, build_trainer, train
+from pipelines.train.trainer import SetupError, build_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 10 shards of 16 rows, 2 workers x 8: 5 shards and 10 batches per worker, 10 steps in the epoch.
 ROWS, PER_SHARD, BATCH, STEPS = 160, 16, 8, 10
-
-
-def _run(cfg: TrainConfig) -> dict:
-    result = train(cfg)
-    assert result.error is None, result.error
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(f"{d}/state.pt", weights_only=True)
-        with open(f"{d}/metrics.csv") as f:
-            metrics = list(csv.DictReader(f))
-    return {"result": result, "state": state, "metrics": metrics}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +43,7 @@ def runs(ray_local, tmp_path_factory):
     # Checkpoints at steps 3, 6, 9 (90% of the epoch); the last worker kills its process after step 10, a
     # step later, so that Ray Train has registered step 9's checkpoint (it may still be step 6's).
     crashed = dataclasses.replace(clean, name="crash", crash_at_step=10)
-    return clean, _run(clean), crashed, _run(crashed)
+    return clean, train_and_read(clean), crashed, train_and_read(crashed)
 
 
 def test_killed_at_90_percent_resumes_like_an_uninterrupted_run(runs):
@@ -90,7 +80,7 @@ def test_restart_with_another_number_of_workers_reads_the_rest_once(runs):
     one = dataclasses.replace(
         clean_cfg, name="one_worker", num_workers=1, resume_from=step9.path, max_failures=0
     )
-    state = _run(one)["state"]
+    state = train_and_read(one)["state"]
     (epoch,) = state["epochs"]
     # 16 rows were left in the epoch: one worker of batch 8 trains them in 2 steps, none twice, none lost
     assert epoch["resumed_at_rows"] == 144 and epoch["decoded_this_attempt"] == 16
