@@ -344,18 +344,25 @@ def run(args: argparse.Namespace) -> dict:
             if cluster is not None:
                 cluster.stop()
 
-    per_query = key_stats.read_table(str(data / "shards"), "queries").column("kept").to_pylist()
-    funnel = plot_funnel(stats, per_query, run_dir / "funnel.png", run_dir / "per_query.png")
-    results = {name: json.loads((eval_dir / name / "results.json").read_text()) for name, _, _ in EVAL_SETS}
-    noise = noise_of_samples(data / "shards", corpus.truth())
-    filtered = {"filter": filter_summary(loop["filter_dir"], noise), "zero_shot": zero_shot_results(loop["eval_dir"]),
-                "training": plot_training(loop["train_dir"] / "metrics.csv", run_dir / "training_curve_filtered.png")}  # fmt: skip
-    summary = {"funnel": funnel, "totals": stats.get("totals", {}), "timings": timings, "training": training,
-               "zero_shot": zero_shot_results(eval_dir), "retrieval": results["combo_all"].get("retrieval", {}),
-               "novel_pairs": [c.label for c in corpus.novel], "filtered": filtered}  # fmt: skip
-    summary["timings"]["total_s"] = time.time() - start
+    summary = summarise(run_dir, corpus, stats, training, eval_dir, loop)
+    summary["timings"] = {**timings, "total_s": time.time() - start}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def summarise(run_dir: Path, corpus, stats: dict, training: dict, eval_dir: Path, loop: dict) -> dict:
+    """The demo's summary (without timings) and its plots: the funnel, zero-shot per label set, retrieval, and
+    the model in the loop (what the filter removed by ground truth, the filtered run's zero-shot)."""
+    shards = run_dir / "data" / "shards"
+    per_query = key_stats.read_table(str(shards), "queries").column("kept").to_pylist()
+    funnel = plot_funnel(stats, per_query, run_dir / "funnel.png", run_dir / "per_query.png")
+    combo = json.loads((eval_dir / "combo_all" / "results.json").read_text())
+    noise = noise_of_samples(shards, corpus.truth())
+    filtered = {"filter": filter_summary(loop["filter_dir"], noise), "zero_shot": zero_shot_results(loop["eval_dir"]),
+                "training": plot_training(loop["train_dir"] / "metrics.csv", run_dir / "training_curve_filtered.png")}  # fmt: skip
+    return {"funnel": funnel, "totals": stats.get("totals", {}), "training": training,
+            "zero_shot": zero_shot_results(eval_dir), "retrieval": combo.get("retrieval", {}),
+            "novel_pairs": [c.label for c in corpus.novel], "filtered": filtered}  # fmt: skip
 
 
 def print_loop(summary: dict) -> None:
